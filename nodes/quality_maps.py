@@ -1,0 +1,258 @@
+"""G-Refine quality-map nodes: load the quality CLIP and prompts, PQ-Map, AQ-Map, refine mask (thin V3 adapters)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..core import aq_map, clip_surgery, masks, pq_map, visualize
+from .comfy_io import (
+    QUALITY_CLIP_FOLDER,
+    QUALITY_PROMPTS_FOLDER,
+    batch_chunks,
+    check_images,
+    check_mask,
+    list_weight_files,
+    match_batches,
+    on_compute_device,
+    resolve_model_file,
+)
+
+QualityClip = io.Custom("REFINERY_QUALITY_CLIP")
+QualityPrompts = io.Custom("REFINERY_QUALITY_PROMPTS")
+
+TEXT_PROMPTS_CHOICE = "text prompts (any tower)"
+QREFINE_FOLDER_SUFFIX = " (Q-Refine folder)"
+IMAGES_PER_FORWARD = 8
+CATEGORY = "Refinery/quality maps"
+
+
+def _prompt_choices() -> list[str]:
+    """Text prompts, Refinery prompt files, and folders holding the official Q-Refine PQ-<factor>.pth files."""
+    files = list_weight_files(QUALITY_PROMPTS_FOLDER)
+    folders = sorted({os.path.dirname(name) or "." for name in files if os.path.basename(name) == "PQ-overall.pth"})
+    singles = [name for name in files if name.endswith(".safetensors")]
+    return [TEXT_PROMPTS_CHOICE] + [folder + QREFINE_FOLDER_SUFFIX for folder in folders] + singles
+
+
+class QualityModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefineryQualityModelLoader",
+            display_name="Load Quality CLIP (Refinery)",
+            category=CATEGORY,
+            description="Loads an open_clip ViT from models/quality_clip/ as a CLIP-Surgery quality model for the "
+            "PQ-Map and AQ-Map nodes. Nothing is downloaded.",
+            inputs=[
+                io.Combo.Input(
+                    "checkpoint",
+                    options=list_weight_files(QUALITY_CLIP_FOLDER),
+                    tooltip="An open_clip checkpoint (.safetensors preferred; .pt/.pth/.bin state dicts are read "
+                    "with weights_only) in models/quality_clip/.",
+                ),
+                io.Combo.Input(
+                    "architecture",
+                    options=[clip_surgery.AUTO_ARCHITECTURE] + clip_surgery.list_architectures(),
+                    default=clip_surgery.AUTO_ARCHITECTURE,
+                    tooltip="The open_clip architecture of the checkpoint. 'auto' reads <checkpoint name>.json (an "
+                    "open_clip model config) beside it. OpenAI ViT-B/16 weights: ViT-B-16-quickgelu.",
+                ),
+                io.Int.Input(
+                    "surgery_depth",
+                    default=0,
+                    min=0,
+                    max=64,
+                    tooltip="How many final blocks get the CLIP-Surgery v-v path. 0 = half the tower (6 of 12). "
+                    "More blocks give smoother, more object-centred maps.",
+                ),
+            ],
+            outputs=[QualityClip.Output("quality_clip")],
+        )
+
+    @classmethod
+    def execute(cls, checkpoint: str, architecture: str, surgery_depth: int) -> io.NodeOutput:
+        path = resolve_model_file(QUALITY_CLIP_FOLDER, checkpoint)
+        encoder = clip_surgery.load_quality_clip(path, architecture, surgery_depth=surgery_depth or None)
+        return io.NodeOutput(encoder)
+
+
+class QualityPromptsLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefineryQualityPromptsLoader",
+            display_name="Load Quality Prompts (Refinery)",
+            category=CATEGORY,
+            description="Loads the four learned (positive, negative) quality prompt pairs of the PQ-Map from "
+            "models/quality_prompts/: a Refinery .safetensors, a folder with the official Q-Refine PQ-*.pth files "
+            "(ViT-B/16 towers only), or plain-text pairs that work with any tower.",
+            inputs=[
+                io.Combo.Input(
+                    "prompts",
+                    options=_prompt_choices(),
+                    default=TEXT_PROMPTS_CHOICE,
+                    tooltip="Learned embeddings must match the quality CLIP's text width (512 for ViT-B/16).",
+                )
+            ],
+            outputs=[QualityPrompts.Output("quality_prompts")],
+        )
+
+    @classmethod
+    def execute(cls, prompts: str) -> io.NodeOutput:
+        if prompts == TEXT_PROMPTS_CHOICE:
+            return io.NodeOutput(pq_map.text_quality_prompts())
+        if prompts.endswith(QREFINE_FOLDER_SUFFIX):
+            folder = prompts[: -len(QREFINE_FOLDER_SUFFIX)]
+            overall = resolve_model_file(QUALITY_PROMPTS_FOLDER, os.path.join(folder, "PQ-overall.pth"))
+            return io.NodeOutput(pq_map.load_qrefine_embeddings(os.path.dirname(overall)))
+        return io.NodeOutput(pq_map.load_prompt_embeddings(resolve_model_file(QUALITY_PROMPTS_FOLDER, prompts)))
+
+
+class PerceptualQualityMap(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefineryPQMap",
+            display_name="PQ-Map: Perceptual Quality (Refinery)",
+            category=CATEGORY,
+            description="G-Refine perceptual quality map: P (1 = good quality) per pixel and score p per image, from "
+            "four quality factors combined by the cask effect (a weak factor caps the score). Shows a heat map.",
+            inputs=[
+                QualityClip.Input("quality_clip"),
+                io.Image.Input("image", tooltip="A batch of any size; any image size and aspect ratio."),
+                QualityPrompts.Input(
+                    "quality_prompts", optional=True, tooltip="Leave unconnected for the plain-text prompt pairs."
+                ),
+                io.Float.Input("alpha_technical", default=pq_map.DEFAULT_ALPHA[0], min=0.01, max=1.0, step=0.001,
+                               tooltip="Cask bound of the technical factor (blur, noise): scores below it lower p. "
+                               "Higher = stricter."),
+                io.Float.Input("alpha_rational", default=pq_map.DEFAULT_ALPHA[1], min=0.01, max=1.0, step=0.001,
+                               tooltip="Cask bound of the rational factor (broken shapes). Higher = stricter."),
+                io.Float.Input("alpha_natural", default=pq_map.DEFAULT_ALPHA[2], min=0.01, max=1.0, step=0.001,
+                               tooltip="Cask bound of the natural factor (unnatural colour, texture). Higher = stricter."),
+                io.Float.Input("temperature", default=0.0, min=0.0, max=1000.0, step=0.1,
+                               tooltip="Softmax temperature of the prompt pairs. 0 = the model's own logit scale "
+                               "(about 100 for trained CLIP); lower values pull scores towards 0.5."),
+            ],
+            outputs=[
+                io.Mask.Output("perceptual_map", tooltip="P in [0, 1], 1 = good quality."),
+                io.Float.Output("perceptual_score", tooltip="p in [0, 1], one per image.", is_output_list=True),
+                io.Image.Output("heatmap", tooltip="P over the picture: red = good, blue = poor."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, quality_clip, image, alpha_technical: float, alpha_rational: float, alpha_natural: float,
+                temperature: float, quality_prompts=None) -> io.NodeOutput:
+        images = check_images(image)
+        prompts = quality_prompts if quality_prompts is not None else pq_map.text_quality_prompts()
+        alpha = (alpha_technical, alpha_rational, alpha_natural)
+        maps, scores = [], []
+        with on_compute_device(quality_clip) as encoder, torch.inference_mode():
+            prompt_features = pq_map.encode_quality_prompts(encoder, prompts)
+            scale = temperature or encoder.logit_scale
+            for part in batch_chunks(images.shape[0], IMAGES_PER_FORWARD):
+                result = pq_map.perceptual_quality(encoder.encode_image(images[part]), prompt_features, scale, alpha)
+                maps.append(result.map.cpu())
+                scores.append(result.score.cpu())
+        perceptual_map = torch.cat(maps)
+        heatmap = visualize.heatmap_overlay(images, perceptual_map)
+        return io.NodeOutput(
+            perceptual_map, torch.cat(scores).tolist(), heatmap, ui=ui.PreviewImage(heatmap, cls=cls)
+        )
+
+
+class AlignmentQualityMap(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefineryAQMap",
+            display_name="AQ-Map: Alignment Defects (Refinery)",
+            category=CATEGORY,
+            description="G-Refine alignment map: splits the prompt into noun phrases, checks each against the image, "
+            "and marks where a missing object or a wrong attribute should be drawn (A, 1 = must change). Also "
+            "returns the prompt with the unmatched phrases emphasized, the score a, and a per-phrase report.",
+            inputs=[
+                QualityClip.Input("quality_clip"),
+                io.Image.Input("image"),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="The generation prompt. ComfyUI emphasis like (red hat:1.3) is understood."),
+                io.Float.Input("noun_bound", default=0.5, min=0.01, max=0.99, step=0.01,
+                               tooltip="a_bound: a noun whose presence probability is below it counts as missing. "
+                               "Higher = flags more objects as missing."),
+                io.Float.Input("phrase_bound", default=0.5, min=0.01, max=1.0, step=0.01,
+                               tooltip="beta: phrases scoring below it lower the alignment score a. Higher = stricter."),
+                io.Float.Input("emphasis", default=1.1, min=1.0, max=2.0, step=0.05,
+                               tooltip="Weight given to unmatched phrases appended to the prompt, (phrase:1.1)."),
+            ],
+            outputs=[
+                io.Mask.Output("alignment_map", tooltip="A in [0, 1], 1 = must change."),
+                io.Float.Output("alignment_score", tooltip="a, one per image (CLIP cosine times penalties).",
+                                is_output_list=True),
+                io.String.Output("emphasized_prompt", tooltip="One per image.", is_output_list=True),
+                io.String.Output("report", tooltip="Per-image, per-phrase table of scores and defects."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, quality_clip, image, prompt: str, noun_bound: float, phrase_bound: float,
+                emphasis: float) -> io.NodeOutput:
+        images = check_images(image)
+        maps, scores, emphasized, reports, warnings = [], [], [], [], []
+        with on_compute_device(quality_clip) as encoder, torch.inference_mode():
+            for part in batch_chunks(images.shape[0], IMAGES_PER_FORWARD):
+                count = part.stop - part.start
+                result = aq_map.alignment_quality(
+                    encoder, encoder.encode_image(images[part]), [prompt] * count, noun_bound, phrase_bound, emphasis
+                )
+                maps.append(result.map.cpu())
+                scores.append(result.score.cpu())
+                emphasized += result.emphasized_prompts
+                reports += result.reports
+                warnings += result.warnings
+        scores = torch.cat(scores)
+        report = aq_map.format_report(reports, scores, warnings)
+        return io.NodeOutput(torch.cat(maps), scores.tolist(), emphasized, report, ui={"text": [report]})
+
+
+class RefineMask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefineryRefineMask",
+            display_name="Refine Mask Bi(1-P+A) (Refinery)",
+            category=CATEGORY,
+            description="G-Refine stage-1 mask: where perceptual quality P is low or alignment defects A are high. "
+            "Gives the binary mask (what to re-denoise) and a feathered copy (for blending without seams).",
+            inputs=[
+                io.Mask.Input("perceptual_map", tooltip="P from the PQ-Map node (1 = good)."),
+                io.Mask.Input("alignment_map", tooltip="A from the AQ-Map node (1 = must change)."),
+                io.Float.Input("threshold", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="Pixels with 1-P+A above it are refined. Lower = larger mask."),
+                io.Int.Input("min_area", default=64, min=0, max=1 << 24,
+                             tooltip="Regions smaller than this many pixels are dropped (speckle removal)."),
+                io.Int.Input("dilation", default=4, min=0, max=512,
+                             tooltip="Grow the mask by this many pixels so fixes blend into their surroundings."),
+                io.Float.Input("feather", default=4.0, min=0.0, max=256.0, step=0.5,
+                               tooltip="Gaussian sigma (pixels) of the soft edge of the feathered mask."),
+            ],
+            outputs=[
+                io.Mask.Output("binary_mask", tooltip="1 = re-denoise in stage 1."),
+                io.Mask.Output("feathered_mask", tooltip="1 on the binary mask, falling off smoothly outside."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, perceptual_map, alignment_map, threshold: float, min_area: int, dilation: int,
+                feather: float) -> io.NodeOutput:
+        perceptual = check_mask(perceptual_map, "perceptual_map")
+        alignment = check_mask(alignment_map, "alignment_map")
+        perceptual, alignment = match_batches(perceptual, alignment, ("perceptual_map", "alignment_map"))
+        binary, feathered = masks.refine_mask(perceptual, alignment, threshold, min_area, dilation, feather)
+        return io.NodeOutput(binary, feathered, ui=ui.PreviewMask(binary, cls=cls))
+
+
+NODES = [QualityModelLoader, QualityPromptsLoader, PerceptualQualityMap, AlignmentQualityMap, RefineMask]

@@ -1,0 +1,162 @@
+"""CLIP-Surgery encoder (g-refine.txt eq. 1): equality of the CLS path, the v-v path against a naive
+re-implementation, text encoding through token embeddings, and loading errors."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from comfyui_refinery.core import clip_surgery
+from comfyui_refinery.core.clip_surgery import SurgeryCLIP, load_quality_clip
+from tiny_models import TINY_VIT_CONFIG, build_tiny_vit
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return build_tiny_vit(tmp_path_factory.mktemp("quality_clip"))
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_checkpoint):
+    return load_quality_clip(tiny_checkpoint)
+
+
+def naive_surgery_patches(model, pixels, depth):
+    """Independent per-head, per-token loop version of the CLIP-Surgery patch path (eq. 1)."""
+    visual = model.visual
+    x = visual._embeds(pixels)
+    blocks = visual.transformer.resblocks
+    surgery = None
+    for index, block in enumerate(blocks):
+        if index >= len(blocks) - depth:
+            surgery = x.clone() if surgery is None else surgery
+            hidden = block.ln_1(x)
+            width, heads = block.attn.embed_dim, block.attn.num_heads
+            head_dim = width // heads
+            w_v = block.attn.in_proj_weight[2 * width :]
+            b_v = block.attn.in_proj_bias[2 * width :]
+            values = hidden @ w_v.T + b_v
+            out = torch.zeros_like(values)
+            for head in range(heads):
+                v = values[..., head * head_dim : (head + 1) * head_dim]  # (B, L, hd)
+                weights = torch.softmax(v @ v.transpose(1, 2) / math.sqrt(head_dim), dim=-1)
+                out[..., head * head_dim : (head + 1) * head_dim] = weights @ v
+            surgery = surgery + block.attn.out_proj(out)
+        x = block(x)
+    patches = visual.ln_post(surgery[:, 1:]) @ visual.proj
+    return F.normalize(patches, dim=-1)
+
+
+def test_cls_embedding_equals_unmodified_model(encoder):
+    images = torch.rand(3, 40, 56, 3)
+    features = encoder.encode_image(images)
+    with torch.no_grad():
+        reference = F.normalize(encoder.model.encode_image(encoder.preprocess(images)), dim=-1)
+    torch.testing.assert_close(features.cls_embedding, reference, rtol=0, atol=1e-6)
+
+
+def test_patch_features_match_naive_surgery(encoder):
+    images = torch.rand(2, 32, 32, 3)
+    features = encoder.encode_image(images)
+    with torch.no_grad():
+        expected = naive_surgery_patches(encoder.model, encoder.preprocess(images), encoder.surgery_depth)
+    assert features.patch_features.shape == (2, 4, 4, 32)
+    torch.testing.assert_close(features.patch_features.reshape(2, 16, 32), expected, rtol=1e-5, atol=1e-5)
+    # the surgery path really differs from plain patch tokens
+    with torch.no_grad():
+        plain = encoder.model.visual.ln_post(encoder.model.visual.transformer(encoder.model.visual._embeds(
+            encoder.preprocess(images)))[:, 1:]) @ encoder.model.visual.proj
+    assert not torch.allclose(F.normalize(plain, dim=-1), expected, atol=1e-3)
+
+
+def test_default_depth_is_half_the_tower_and_validated(encoder):
+    assert encoder.surgery_depth == 2
+    with pytest.raises(ValueError, match="surgery_depth must be in"):
+        SurgeryCLIP(encoder.model, encoder.architecture, surgery_depth=5)
+
+
+def test_token_embedding_path_equals_encode_text(encoder):
+    texts = ["a red circle", "", "two blue squares on a striped background"]
+    embeddings, eot = encoder.token_embeddings(texts)
+    with torch.no_grad():
+        through_embeddings = encoder.encode_token_embeddings(embeddings, eot)
+    torch.testing.assert_close(through_embeddings, encoder.encode_text(texts), rtol=0, atol=1e-6)
+
+
+def test_text_features_are_cached(encoder):
+    first = encoder.encode_text(["a cat"])
+    encoder.model.token_embedding.weight.data.add_(1.0)  # a cached text must not be recomputed
+    try:
+        torch.testing.assert_close(encoder.encode_text(["a cat"]), first)
+    finally:
+        encoder.model.token_embedding.weight.data.sub_(1.0)
+
+
+def test_wrong_width_embeddings_are_refused(encoder):
+    with pytest.raises(ValueError, match=r"made for another CLIP.*text prompts"):
+        encoder.encode_token_embeddings(torch.zeros(2, 77, 512), torch.tensor([5, 5]))
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_quality_clip(tmp_path / "nothing.safetensors")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00\x01not a safetensors file" * 10)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_quality_clip(corrupt, "ViT-B-16")
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this would run on load",))
+
+
+def test_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"weights": Payload()}, path)
+    with pytest.raises(ValueError, match="pickled code"):
+        load_quality_clip(path, "ViT-B-16")
+
+
+def test_architecture_mismatch_names_the_problem(tiny_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match=r"does not match architecture 'ViT-B-16'.*missing"):
+        load_quality_clip(tiny_checkpoint, "ViT-B-16")
+    lonely = tmp_path / "lonely.safetensors"
+    lonely.write_bytes(tiny_checkpoint.read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"'auto' needs an open_clip model config 'lonely.json'"):
+        load_quality_clip(lonely)
+    with pytest.raises(ValueError, match="Unknown open_clip architecture"):
+        load_quality_clip(tiny_checkpoint, "ViT-Nope")
+
+
+def test_non_vit_tower_is_refused(tmp_path):
+    config = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16},
+        "text_cfg": TINY_VIT_CONFIG["text_cfg"],
+    }
+    checkpoint = build_tiny_vit(tmp_path, "tiny-resnet", config)
+    with pytest.raises(ValueError, match="CLIP-Surgery needs an open_clip ViT"):
+        load_quality_clip(checkpoint)
+
+
+def test_list_architectures_holds_vits_only():
+    names = clip_surgery.list_architectures()
+    assert "ViT-B-16" in names and "ViT-L-14" in names
+    assert "RN50" not in names
+
+
+def test_wrapped_and_prefixed_state_dicts_load(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    state = load_file(str(tiny_checkpoint))
+    path = tmp_path / "tiny-vit.pt"
+    torch.save({"state_dict": {f"module.{key}": value for key, value in state.items()}}, path)
+    (tmp_path / "tiny-vit.json").write_text(tiny_checkpoint.with_suffix(".json").read_text())
+    encoder = load_quality_clip(path)
+    assert encoder.architecture == "tiny-vit"
+    assert pickle is not None
