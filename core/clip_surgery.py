@@ -77,6 +77,13 @@ def _register_config_beside(checkpoint: Path) -> str:
         raise ValueError(
             f"'{config_path}' is not an open_clip model config: it needs 'embed_dim', 'vision_cfg' and 'text_cfg'."
         )
+    existing = open_clip.get_model_config(config_path.stem)
+    if existing is not None and existing != config:
+        raise ValueError(
+            f"'{config_path.name}' describes another model than open_clip's own architecture '{config_path.stem}'. "
+            f"Rename the checkpoint and its JSON (e.g. 'my-{config_path.stem}'), or choose '{config_path.stem}' "
+            f"as the architecture and remove the JSON."
+        )
     open_clip.add_model_config(str(config_path))
     return config_path.stem
 

@@ -39,6 +39,16 @@ def resolve_model_file(folder: str, name: str) -> str:
     return path
 
 
+def file_fingerprint(folder: str, name: str) -> tuple:
+    """(name, modification time, size) of a model file, so a loader re-runs when the file is replaced under the
+    same name; a missing file fingerprints as its name (execute then reports it)."""
+    path = folder_paths.get_full_path(folder, name)
+    if path is None or not os.path.exists(path):
+        return (name,)
+    status = os.stat(path)
+    return (name, status.st_mtime_ns, status.st_size)
+
+
 def check_images(images: torch.Tensor, name: str = "image") -> torch.Tensor:
     """Validate a ComfyUI IMAGE: (B, H, W, C) float, C in {1, 3, 4}, finite. Returns (B, H, W, 3) in [0, 1]
     (grey is repeated to RGB, alpha is dropped)."""

@@ -14,6 +14,7 @@ from .comfy_io import (
     batch_chunks,
     check_images,
     check_mask,
+    file_fingerprint,
     list_weight_files,
     match_batches,
     on_compute_device,
@@ -73,6 +74,10 @@ class QualityModelLoader(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, checkpoint: str, architecture: str, surgery_depth: int):
+        return file_fingerprint(QUALITY_CLIP_FOLDER, checkpoint)
+
+    @classmethod
     def execute(cls, checkpoint: str, architecture: str, surgery_depth: int) -> io.NodeOutput:
         path = resolve_model_file(QUALITY_CLIP_FOLDER, checkpoint)
         encoder = clip_surgery.load_quality_clip(path, architecture, surgery_depth=surgery_depth or None)
@@ -99,6 +104,14 @@ class QualityPromptsLoader(io.ComfyNode):
             ],
             outputs=[QualityPrompts.Output("quality_prompts")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, prompts: str):
+        if prompts == TEXT_PROMPTS_CHOICE:
+            return prompts
+        if prompts.endswith(QREFINE_FOLDER_SUFFIX):
+            return file_fingerprint(QUALITY_PROMPTS_FOLDER, os.path.join(prompts[: -len(QREFINE_FOLDER_SUFFIX)], "PQ-overall.pth"))
+        return file_fingerprint(QUALITY_PROMPTS_FOLDER, prompts)
 
     @classmethod
     def execute(cls, prompts: str) -> io.NodeOutput:

@@ -160,3 +160,14 @@ def test_wrapped_and_prefixed_state_dicts_load(tiny_checkpoint, tmp_path):
     encoder = load_quality_clip(path)
     assert encoder.architecture == "tiny-vit"
     assert pickle is not None
+
+
+def test_auto_config_may_not_replace_a_builtin_architecture(tiny_checkpoint, tmp_path):
+    import open_clip
+
+    impostor = tmp_path / "ViT-B-16.safetensors"
+    impostor.write_bytes(tiny_checkpoint.read_bytes())
+    impostor.with_suffix(".json").write_text(tiny_checkpoint.with_suffix(".json").read_text())
+    with pytest.raises(ValueError, match="describes another model than open_clip's own architecture 'ViT-B-16'"):
+        load_quality_clip(impostor)
+    assert open_clip.get_model_config("ViT-B-16")["vision_cfg"]["width"] == 768
