@@ -15,6 +15,7 @@ import pytest
 from comfyui_harness import ComfyHarness, find_comfyui
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
+QREFINE_FOLDER = PACK_ROOT.parent / "shared" / "reference" / "qrefine-pq-embeddings"
 
 OTHER_VIT_CONFIG = {  # a different tiny tower; its JSON beside the checkpoint says width 96 instead of 64
     "embed_dim": 32,
@@ -61,6 +62,14 @@ def _write_model_files(quality_clip: Path) -> None:
     (quality_clip / "broken.safetensors").write_bytes(bytes(noise.tolist()))
 
 
+def _write_prompt_files(quality_prompts: Path) -> None:
+    """The official Q-Refine PQ-*.pth (512 wide, for ViT-B/16) in quality_prompts/qrefine/, when shared/ has them."""
+    import shutil
+
+    if QREFINE_FOLDER.is_dir():
+        shutil.copytree(QREFINE_FOLDER, quality_prompts / "qrefine", dirs_exist_ok=True)
+
+
 def _write_input_images(input_dir: Path) -> None:
     """picture.png: 64x48 (W x H) RGB with a red disc and a blue square; dot.png: 1x1."""
     import numpy as np
@@ -85,6 +94,7 @@ def comfy_harness(comfyui_dir, tmp_path_factory) -> ComfyHarness:
     torch.set_num_threads(2)
     harness = ComfyHarness(comfyui_dir, tmp_path_factory.mktemp("comfyui"), PACK_ROOT)
     _write_model_files(harness.models_dir / "quality_clip")
+    _write_prompt_files(harness.models_dir / "quality_prompts")
     _write_input_images(harness.input_dir)
     harness.start()
     return harness

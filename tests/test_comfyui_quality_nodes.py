@@ -337,3 +337,85 @@ def test_nan_pixels_are_refused_with_a_clear_message(comfy_harness):
         refine.execute(perceptual_map=torch.ones(1, 8, 8), alignment_map=bad_mask, threshold=0.5, min_area=0,
                        dilation=0, feather=0.0)
     good_prompt_still_runs(comfy_harness, "after_nan")
+
+
+# -- prompts of another tower, progress and interruption ---------------------------------------------------------
+def test_qrefine_embeddings_on_a_narrower_tower_fail_clearly_then_recover(comfy_harness):
+    from conftest import QREFINE_FOLDER
+
+    if not QREFINE_FOLDER.is_dir():
+        pytest.skip(f"official Q-Refine embeddings not found at {QREFINE_FOLDER}")
+    graph = graph_builder()
+    clip, image = add_loader(graph), add_image(graph)
+    prompts = graph.node("RefineryQualityPromptsLoader", prompts="qrefine (Q-Refine folder)")
+    graph.node("SaveImage", images=add_pq(graph, clip, image, prompts=prompts).out(2), filename_prefix="qrefine")
+
+    result = comfy_harness.run_graph(graph)
+
+    assert not result.success
+    error = result.execution_error
+    assert error is not None and error["node_type"] == "RefineryPQMap", result.error_text()
+    assert "made for another CLIP" in error["exception_message"] and "(N, 77, 64)" in error["exception_message"]
+    good_prompt_still_runs(comfy_harness, "after_qrefine")
+
+
+class ProgressRecorder:
+    """Stands in for the browser end of ComfyUI's progress hook (main.py installs the real one in a server):
+    records (value, total, node_id); optionally raises ComfyUI's interrupt flag at the first update."""
+
+    def __init__(self, interrupt: bool = False):
+        self.updates: list[tuple[int, int, str]] = []
+        self.interrupt = interrupt
+
+    def __call__(self, value, total, preview, node_id=None):
+        import comfy.model_management
+        from comfy_execution.utils import get_executing_context
+
+        if node_id is None and get_executing_context() is not None:  # as main.py's hook resolves it
+            node_id = get_executing_context().node_id
+        self.updates.append((value, total, node_id))
+        if self.interrupt:
+            comfy.model_management.interrupt_current_processing(True)
+
+
+def run_with_progress_hook(harness, graph, recorder):
+    import comfy.utils
+
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(recorder)
+    try:
+        return harness.run_graph(graph)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+
+
+def test_map_nodes_report_progress_per_chunk_of_the_batch(comfy_harness):
+    graph = graph_builder()
+    clip, image = add_loader(graph), add_image(graph, batch=10)
+    pq = add_pq(graph, clip, image, alpha_natural=0.77)
+    graph.node("SaveImage", images=pq.out(2), filename_prefix="progress")
+    recorder = ProgressRecorder()
+
+    result = run_with_progress_hook(comfy_harness, graph, recorder)
+
+    assert_ok(result)
+    assert [(value, total) for value, total, node in recorder.updates if node == pq.id] == [(8, 10), (10, 10)]
+
+
+def test_interrupt_stops_a_map_node_between_chunks_and_the_queue_goes_on(comfy_harness):
+    import comfy.model_management
+
+    graph = graph_builder()
+    clip, image = add_loader(graph), add_image(graph, batch=20)
+    aq = add_aq(graph, clip, image, phrase_bound=0.42)
+    save_mask(graph, aq.out(0), "interrupted")
+    recorder = ProgressRecorder(interrupt=True)
+    try:
+        result = run_with_progress_hook(comfy_harness, graph, recorder)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+
+    assert not result.success
+    assert result.events("execution_interrupted"), result.messages
+    assert [value for value, _, node in recorder.updates if node == aq.id] == [8]  # stopped before chunk 2
+    good_prompt_still_runs(comfy_harness, "after_interrupt")
