@@ -1,1 +1,3 @@
-"""Synthetic toy world: scenes with captions, defect injectors with exact ground-truth masks (benchmarks and demo only, never imported by the nodes)."""
+"""Synthetic toy world: scenes with captions, and defect injectors with exact ground-truth masks.
+
+Imported by the benchmarks and the demo, never by the nodes."""

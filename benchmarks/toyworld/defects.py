@@ -23,7 +23,7 @@ Factors and kinds
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.ndimage import binary_erosion, gaussian_filter
@@ -51,7 +51,9 @@ CAST_COLOURS = ((150, 160, 40), (230, 60, 200), (60, 220, 220), (170, 100, 40)) 
 class Defect:
     """One injected defect. image: (H, W, 3) uint8 defective picture; mask: (H, W) bool exact changed pixels;
     factor: one of :data:`FACTORS`; kind: one of :data:`KINDS`; caption: the (unchanged) scene caption;
-    target_noun: noun of the affected group as in the caption."""
+    target_noun: noun of the affected group as in the caption; shown: the scene the defective picture actually
+    shows (alignment defects: without the removed group/item or with the new colour; else the input scene), so
+    later injectors target objects that are still there."""
 
     image: np.ndarray
     mask: np.ndarray
@@ -59,13 +61,15 @@ class Defect:
     kind: str
     caption: str
     target_noun: str | None = None
+    shown: Scene | None = None
 
 
-def _defect(kind, old, new, scene, group) -> Defect:
+def _defect(kind, old, new, scene, group, shown=None) -> Defect:
     mask = (new != old).any(axis=-1)
     if not mask.any():
         raise RuntimeError(f"{kind}: the injection changed no pixel")
-    return Defect(new, mask, KIND_FACTOR[kind], kind, scenes.caption(scene), scene.objects[group].noun)
+    noun = scene.objects[group].noun
+    return Defect(new, mask, KIND_FACTOR[kind], kind, scenes.caption(scene), noun, shown or scene)
 
 
 def _pick_item(scene: Scene, rng) -> tuple[int, int]:
@@ -81,7 +85,8 @@ def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """Translate a (H, W) mask by (dy, dx) pixels; what leaves the frame is dropped."""
     out = np.zeros_like(mask)
     h, w = mask.shape
-    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = mask[max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)]
+    source = mask[max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)]
+    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = source
     return out
 
 
@@ -89,14 +94,18 @@ def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
 def inject_blur_patch(image: np.ndarray, scene: Scene, rng: np.random.Generator) -> Defect:
     """Gaussian blur (sigma 1.5-3 px) in a disc (radius 12-22 % of the side) centred on an item's edge pixel."""
     n = scene.resolution
-    group, item = _pick_item(scene, rng)
-    m = scenes.item_masks(scene, group)[item]
-    edge = np.argwhere(m & ~binary_erosion(m))  # (K, 2) rows, cols
-    y, x = edge[int(rng.integers(len(edge)))]
-    patch = _disc((float(x), float(y)), float(rng.uniform(0.12, 0.22)) * n, n)
     sigma = float(rng.uniform(1.5, 3.0))
     blurred = np.rint(gaussian_filter(image.astype(np.float32), sigma=(sigma, sigma, 0)))  # (H, W, 3)
-    material = patch & (np.abs(blurred - image).max(axis=-1) >= MATERIAL)
+    changed = np.abs(blurred - image).max(axis=-1) >= MATERIAL
+    for _ in range(8):  # an edge may have been flattened by an earlier defect: try other items
+        group, item = _pick_item(scene, rng)
+        m = scenes.item_masks(scene, group)[item]
+        edge = np.argwhere(m & ~binary_erosion(m))  # (K, 2) rows, cols
+        y, x = edge[int(rng.integers(len(edge)))]
+        patch = _disc((float(x), float(y)), float(rng.uniform(0.12, 0.22)) * n, n)
+        material = patch & changed
+        if material.any():
+            break
     new = image.copy()
     new[material] = blurred[material].astype(np.uint8)
     return _defect("blur_patch", image, new, scene, group)
@@ -179,7 +188,8 @@ def inject_missing_object(image: np.ndarray, scene: Scene, rng: np.random.Genera
     mask = scenes.object_masks(scene)[group]
     new = image.copy()
     new[mask] = scenes.render_background(scene)[mask]
-    return _defect("missing_object", image, new, scene, group)
+    shown = replace(scene, objects=scene.objects[:group] + scene.objects[group + 1 :], relation=None)
+    return _defect("missing_object", image, new, scene, group, shown)
 
 
 def inject_wrong_colour(image: np.ndarray, scene: Scene, rng: np.random.Generator) -> Defect:
@@ -188,8 +198,11 @@ def inject_wrong_colour(image: np.ndarray, scene: Scene, rng: np.random.Generato
     others = [c for c in COLOURS if c != scene.objects[group].colour]
     mask = scenes.object_masks(scene)[group]
     new = image.copy()
-    new[mask] = COLOURS[others[int(rng.integers(len(others)))]]
-    return _defect("wrong_colour", image, new, scene, group)
+    colour = others[int(rng.integers(len(others)))]
+    new[mask] = COLOURS[colour]
+    objects = list(scene.objects)
+    objects[group] = replace(objects[group], colour=colour)
+    return _defect("wrong_colour", image, new, scene, group, replace(scene, objects=tuple(objects)))
 
 
 def inject_wrong_count(image: np.ndarray, scene: Scene, rng: np.random.Generator) -> Defect:
@@ -198,18 +211,23 @@ def inject_wrong_count(image: np.ndarray, scene: Scene, rng: np.random.Generator
     if not groups:
         raise ValueError("wrong_count needs a group with count >= 2")
     group = groups[int(rng.integers(len(groups)))]
-    mask = scenes.item_masks(scene, group)[int(rng.integers(scene.objects[group].count))]
+    obj = scene.objects[group]
+    item = int(rng.integers(obj.count))
+    mask = scenes.item_masks(scene, group)[item]
     new = image.copy()
     new[mask] = scenes.render_background(scene)[mask]
-    return _defect("wrong_count", image, new, scene, group)
+    objects = list(scene.objects)
+    objects[group] = replace(obj, count=obj.count - 1, centres=obj.centres[:item] + obj.centres[item + 1 :])
+    return _defect("wrong_count", image, new, scene, group, replace(scene, objects=tuple(objects)))
 
 
 INJECTORS = {kind: globals()[f"inject_{kind}"] for kind in KINDS}
 
 
 def applicable(kind: str, scene: Scene) -> bool:
-    """Whether ``kind`` can be injected into ``scene`` (only wrong_count has a precondition)."""
-    return kind != "wrong_count" or any(o.count >= 2 for o in scene.objects)
+    """Whether ``kind`` can be injected into ``scene``: every kind needs an object, wrong_count a group with
+    count >= 2."""
+    return bool(scene.objects) and (kind != "wrong_count" or any(o.count >= 2 for o in scene.objects))
 
 
 # ------------------------------------------------------------------------------------------------ labels
@@ -232,7 +250,8 @@ def make_example(
 ) -> tuple[np.ndarray, str, dict[str, np.ndarray], dict[str, float]]:
     """Clean scene (the same as ``scenes.generate(seed, resolution)``) plus 0..max_defects distinct random defects
     drawn from ``kinds`` (default all), at most one alignment defect, applied first so the later local defects
-    stay visible. Returns (image (H, W, 3) uint8, caption, {kind: (H, W) bool mask}, quality labels)."""
+    stay visible and target objects still shown (a local defect left with no object, e.g. after the only group
+    went missing, is skipped). Returns (image (H, W, 3) uint8, caption, {kind: (H, W) bool mask}, quality labels)."""
     rng = np.random.default_rng(seed)
     scene = scenes.sample_scene(rng, resolution)
     image, text = scenes.render(scene), scenes.caption(scene)
@@ -244,8 +263,12 @@ def make_example(
         chosen.append(str(k))
     chosen.sort(key=lambda k: KIND_FACTOR[k] != "alignment")
     applied = []
+    shown = scene
     for k in chosen:
-        d = INJECTORS[k](image, scene, rng)
-        image = d.image
+        if not applicable(k, shown):
+            continue
+        d = INJECTORS[k](image, shown, rng)
+        d.caption = text
+        image, shown = d.image, d.shown
         applied.append(d)
     return image, text, {d.kind: d.mask for d in applied}, quality_labels(applied, resolution)
