@@ -172,8 +172,12 @@ class SurgeryCLIP:
         return pixels.to(self.dtype)
 
     @torch.no_grad()
-    def encode_image(self, images: torch.Tensor) -> ImageFeatures:
-        """images: (B, H, W, 3) float in [0, 1] -> :class:`ImageFeatures` from one forward (g-refine.txt eq. 1)."""
+    def encode_image(self, images: torch.Tensor, use_surgery: bool = True) -> ImageFeatures:
+        """images: (B, H, W, 3) float in [0, 1] -> :class:`ImageFeatures` from one forward (g-refine.txt eq. 1).
+
+        use_surgery=False gives the plain CLIP patch tokens of the original path instead (the ablation of G-Refine's
+        Fig. 4 "original image encoder"); the CLS embedding is the same either way.
+        """
         visual = self.model.visual
         x = visual._embeds(self.preprocess(images))  # (B, 1 + gh*gw, width), ln_pre applied
         transformer = visual.transformer
@@ -197,7 +201,7 @@ class SurgeryCLIP:
         if not transformer.batch_first:
             x, surgery = x.transpose(0, 1), surgery.transpose(0, 1)
         pooled, _ = visual._pool(x)  # CLS on the original path
-        patches = visual.ln_post(surgery[:, 1:])  # (B, gh*gw, width)
+        patches = visual.ln_post((surgery if use_surgery else x)[:, 1:])  # (B, gh*gw, width)
         if visual.proj is not None:
             pooled, patches = pooled @ visual.proj, patches @ visual.proj
         grid_h, grid_w = visual.grid_size

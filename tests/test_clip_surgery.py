@@ -171,3 +171,14 @@ def test_auto_config_may_not_replace_a_builtin_architecture(tiny_checkpoint, tmp
     with pytest.raises(ValueError, match="describes another model than open_clip's own architecture 'ViT-B-16'"):
         load_quality_clip(impostor)
     assert open_clip.get_model_config("ViT-B-16")["vision_cfg"]["width"] == 768
+
+
+def test_plain_patch_tokens_without_surgery(encoder):
+    images = torch.rand(2, 32, 32, 3)
+    plain = encoder.encode_image(images, use_surgery=False)
+    with torch.no_grad():
+        visual = encoder.model.visual
+        tokens = visual.transformer(visual._embeds(encoder.preprocess(images)))[:, 1:]
+        expected = F.normalize(visual.ln_post(tokens) @ visual.proj, dim=-1).reshape(2, 4, 4, -1)
+    torch.testing.assert_close(plain.patch_features, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain.cls_embedding, encoder.encode_image(images).cls_embedding)
