@@ -66,7 +66,7 @@ def localisation(defect_scores: torch.Tensor, masks: torch.Tensor) -> tuple[floa
 
 
 def evaluate_pq(encoder, pictures, prompts, alpha, use_surgery=True) -> dict[str, float]:
-    features = encode_in_batches_with(encoder, pictures.images, use_surgery)
+    features = encode_in_batches(encoder, pictures.images, use_surgery=use_surgery)
     with torch.no_grad():
         result = pq_map.perceptual_quality(features, pq_map.encode_quality_prompts(encoder, prompts),
                                            encoder.logit_scale, alpha)
@@ -76,16 +76,6 @@ def evaluate_pq(encoder, pictures, prompts, alpha, use_surgery=True) -> dict[str
         "auroc": area_under,
         "spearman": float(spearmanr(result.score.numpy(), pictures.area_quality.numpy()).statistic),
     }
-
-
-def encode_in_batches_with(encoder, images, use_surgery: bool):
-    if use_surgery:
-        return encode_in_batches(encoder, images)
-    from comfyui_refinery.core.clip_surgery import ImageFeatures
-
-    parts = [encoder.encode_image(images[start : start + 256], use_surgery=False) for start in range(0, len(images), 256)]
-    return ImageFeatures(torch.cat([p.cls_embedding for p in parts]), torch.cat([p.patch_features for p in parts]),
-                         parts[0].image_size)
 
 
 def evaluate_random(pictures, seed: int = 0) -> dict[str, float]:

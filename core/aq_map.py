@@ -134,7 +134,7 @@ def alignment_quality(
             continue
         global_cosine = features.cls_embedding[index] @ encoder.encode_text([parsed.text])[0]
         if not parsed.phrases:
-            scores[index] = global_cosine
+            scores[index] = float(global_cosine)
             emphasized.append(prompt)
             reports.append([])
             warnings.append(notes + ["no noun in the prompt: A = 0 and a = the global image-text cosine"])
@@ -152,7 +152,7 @@ def alignment_quality(
         defect_of = {j: kind for j, kind, _ in defects}
         for _, _, region in defects:
             defect_grids[index] = torch.maximum(defect_grids[index], noun_maps[..., region])
-        scores[index] = global_cosine * alignment_penalty(phrase_scores, beta)
+        scores[index] = float(global_cosine * alignment_penalty(phrase_scores, beta))
         emphasized.append(emphasize_prompt(prompt, [phrase_texts[j] for j, _, _ in defects], emphasis_weight))
         reports.append(
             [

@@ -23,9 +23,14 @@ from ...core.prompt_learner import train_quality_prompts
 from . import data
 
 
-def encode_in_batches(encoder: SurgeryCLIP, images: torch.Tensor, batch_size: int = 256) -> ImageFeatures:
-    """One surgery forward per batch of (N, H, W, 3) pictures, concatenated."""
-    parts = [encoder.encode_image(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
+def encode_in_batches(
+    encoder: SurgeryCLIP, images: torch.Tensor, batch_size: int = 256, use_surgery: bool = True
+) -> ImageFeatures:
+    """One forward per batch of (N, H, W, 3) pictures, concatenated (use_surgery=False: plain patch tokens)."""
+    parts = [
+        encoder.encode_image(images[start : start + batch_size], use_surgery=use_surgery)
+        for start in range(0, len(images), batch_size)
+    ]
     return ImageFeatures(
         torch.cat([part.cls_embedding for part in parts]),
         torch.cat([part.patch_features for part in parts]),
