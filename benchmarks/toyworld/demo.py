@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def generate_pictures(captions: list[str], steps: int, seed: int) -> torch.Tensor:
     """Tiny-SD pictures for ``captions``: (N, 64, 64, 3) float in [0, 1]."""
     try:
-        from .tiny_sd import load_pipeline
+        from .sd_pipeline import load_pipeline
     except ImportError as error:
         raise SystemExit(f"The demo needs diffusers and transformers ({error}): pip install 'comfyui-refinery[diffusers]'")
 

@@ -1,0 +1,117 @@
+"""Run a G-Refine plan (core/refine_plan.py) on a diffusers pipeline: g-refine.txt eq. 10 in scripts.
+
+Stage 1 is masked re-denoising with the inpainting variant of the user's pipeline family
+(``AutoPipelineForInpainting.from_pipe``: for a plain 4-channel UNet this is diffusers' masked img2img, which
+keeps the latents outside the mask on the noised original at every step), followed by a feathered paste onto the
+original pixels, so pixels outside the feathered mask are the input's. Stage 2 is global img2img with the tiny
+strength delta (``AutoPipelineForImage2Image.from_pipe``). Works for the SD1.5 and SDXL pipeline classes and any
+pipeline ``from_pipe`` maps; the components are shared, so no second copy of the UNet is loaded.
+
+Step counts: diffusers runs ``int(num_inference_steps * strength)`` steps of an img2img call, so a stage planned
+with ``n`` steps at strength ``s`` is called with ``num_inference_steps = ceil(n / s)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .refine_plan import ImagePlan
+
+
+@dataclass(frozen=True)
+class DiffusersRefinement:
+    """images: (B, H, W, 3) float in [0, 1], the refined pictures; after_stage1: the same after stage 1 only."""
+
+    images: torch.Tensor
+    after_stage1: torch.Tensor
+
+
+def scheduler_steps(planned_steps: int, strength: float) -> int:
+    """``num_inference_steps`` that makes a diffusers img2img/inpaint call at ``strength`` run ``planned_steps``."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}.")
+    return max(planned_steps, math.ceil(planned_steps / strength - 1e-9))
+
+
+def _stage_pipelines(pipeline, stage1_pipeline=None, stage2_pipeline=None):
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    inpaint = stage1_pipeline if stage1_pipeline is not None else AutoPipelineForInpainting.from_pipe(pipeline)
+    img2img = stage2_pipeline if stage2_pipeline is not None else AutoPipelineForImage2Image.from_pipe(pipeline)
+    for stage in (inpaint, img2img):
+        stage.set_progress_bar_config(disable=True)
+    return inpaint, img2img
+
+
+def refine_with_pipeline(
+    pipeline,
+    images: torch.Tensor,
+    plans: list[ImagePlan],
+    negative_prompt: str | None = None,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    stage1_pipeline=None,
+    stage2_pipeline=None,
+    progress: bool = True,
+) -> DiffusersRefinement:
+    """Refine each picture by its plan (eq. 10: stage 1 on the mask, then stage 2 on the whole picture).
+
+    pipeline: a diffusers text-to-image (or img2img/inpaint) pipeline; images: (B, H, W, 3) float in [0, 1], H and W
+    multiples of the VAE factor; plans: B plans; seed: picture i uses ``torch.Generator().manual_seed(seed + i)``
+    in both stages. stage1_pipeline/stage2_pipeline: override the stages (e.g. an inpainting checkpoint for stage 1).
+    A picture whose plan skips stage 2 is returned bit-identical.
+    """
+    from tqdm.auto import tqdm
+
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be (B, H, W, 3) in [0, 1], got {tuple(images.shape)}.")
+    if len(plans) != images.shape[0]:
+        raise ValueError(f"Got {len(plans)} plans for {images.shape[0]} pictures: plan every picture.")
+    for index, plan in enumerate(plans):
+        if tuple(plan.binary_mask.shape) != tuple(images.shape[1:3]):
+            raise ValueError(
+                f"The mask of picture {index} is {tuple(plan.binary_mask.shape)} but the picture is "
+                f"{tuple(images.shape[1:3])}: compute the maps on the pictures being refined."
+            )
+    inpaint, img2img = _stage_pipelines(pipeline, stage1_pipeline, stage2_pipeline)
+    after_stage1, refined = images.clone(), images.clone()
+    for index in tqdm(range(images.shape[0]), desc="G-Refine", disable=not progress):
+        plan = plans[index]
+        if plan.skip_stage2:
+            continue
+        original = images[index : index + 1].permute(0, 3, 1, 2).float()  # (1, 3, H, W)
+        current = original
+        if not plan.skip_stage1:
+            mask = plan.binary_mask[None, None].float()  # (1, 1, H, W), 1 = re-denoise
+            repainted = inpaint(
+                prompt=plan.prompt,
+                negative_prompt=negative_prompt,
+                image=original,
+                mask_image=mask,
+                strength=plan.stage1_strength,
+                num_inference_steps=scheduler_steps(plan.stage1_steps, plan.stage1_strength),
+                guidance_scale=guidance_scale,
+                generator=torch.Generator().manual_seed(seed + index),
+                height=images.shape[1],
+                width=images.shape[2],
+                output_type="pt",
+            ).images.float().cpu()  # (1, 3, H, W) in [0, 1]
+            feathered = plan.feathered_mask[None, None].float()
+            current = feathered * repainted + (1 - feathered) * original
+        after_stage1[index] = current[0].permute(1, 2, 0)
+        if plan.stage2_steps > 0 and plan.stage2_strength > 0:
+            current = img2img(
+                prompt=plan.prompt,
+                negative_prompt=negative_prompt,
+                image=current,
+                strength=plan.stage2_strength,
+                num_inference_steps=scheduler_steps(plan.stage2_steps, plan.stage2_strength),
+                guidance_scale=guidance_scale,
+                generator=torch.Generator().manual_seed(seed + index),
+                output_type="pt",
+            ).images.float().cpu()
+        refined[index] = current[0].permute(1, 2, 0).clamp(0, 1)
+    return DiffusersRefinement(images=refined, after_stage1=after_stage1)
