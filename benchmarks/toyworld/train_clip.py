@@ -83,11 +83,34 @@ def perturbed_caption(scene: scenes.Scene, rng: np.random.Generator) -> str:
     return scenes.caption(replace(scene, objects=tuple(objects)))
 
 
-def training_example(seed: int, defect_rate: float, resolution: int = 64) -> tuple[np.ndarray, str, str]:
+def phrase_pair(scene: scenes.Scene, rng: np.random.Generator) -> tuple[str, str]:
+    """A short true phrase about ``scene`` (an object phrase, a bare noun, or the background) and a false one of
+    the same kind: web captions are often that short, and the AQ-Map scores exactly such phrases (eq. 5)."""
+    what = int(rng.integers(3))
+    obj = scene.objects[int(rng.integers(len(scene.objects)))]
+    if what == 2:
+        options = [b for b in scenes.BACKGROUNDS if b != scene.background]
+        return f"a {scenes.background_phrase(scene)}", f"a {options[int(rng.integers(len(options)))]} background"
+    absent = [shape for shape in scenes.SHAPES if shape not in {o.shape for o in scene.objects}]
+    if what == 1:
+        wrong = replace(obj, shape=absent[int(rng.integers(len(absent)))])
+        return obj.noun, wrong.noun
+    colours = [c for c in scenes.COLOURS if c != obj.colour]
+    counts = [c for c in scenes.COUNT_WORDS if c != obj.count]
+    wrong = (replace(obj, colour=colours[int(rng.integers(len(colours)))]) if rng.random() < 0.5
+             else replace(obj, count=counts[int(rng.integers(len(counts)))]))
+    return obj.phrase, wrong.phrase
+
+
+def training_example(
+    seed: int, defect_rate: float, resolution: int = 64, phrase_rate: float = 0.0
+) -> tuple[np.ndarray, str, str]:
     """(image (H, W, 3) uint8, positive caption, hard-negative caption) for one seed."""
     rng = np.random.default_rng(seed)
     scene = scenes.sample_scene(rng, resolution)
     image, text = scenes.render(scene), scenes.caption(scene)
+    if rng.random() < phrase_rate:
+        return (image, *phrase_pair(scene, rng))
     if rng.random() < defect_rate:
         kind = PERCEPTUAL_KINDS[int(rng.integers(len(PERCEPTUAL_KINDS)))]
         image = defects.INJECTORS[kind](image, scene, rng).image
@@ -144,6 +167,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--defect-rate", type=float, default=0.4)
+    parser.add_argument("--phrase-rate", type=float, default=0.3,
+                        help="fraction of examples captioned by one short phrase (object, noun or background)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=MODELS_DIR)
@@ -180,7 +205,8 @@ def main(argv=None) -> dict[str, float]:
     progress = tqdm(range(args.steps), desc="toy-clip")
     for step in progress:
         base = (args.seed * args.steps + step) * args.batch_size
-        batch = [training_example(base + index, args.defect_rate) for index in range(args.batch_size)]
+        batch = [training_example(base + index, args.defect_rate, phrase_rate=args.phrase_rate)
+                 for index in range(args.batch_size)]
         images = to_pixels([image for image, _, _ in batch])
         loss = contrastive_loss(model, tokenizer, images, [p for _, p, _ in batch], [n for _, _, n in batch])
         optimizer.zero_grad(set_to_none=True)
