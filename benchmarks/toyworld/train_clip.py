@@ -11,7 +11,7 @@ Writes ``models/toy-clip.json`` (open_clip config) and ``models/toy-clip.safeten
 ``comfyui_refinery.core.clip_surgery.load_quality_clip(path)`` (architecture "auto"), and
 ``models/toy-clip.metrics.json``.
 
-Run: python benchmarks/toyworld/train_clip.py [--steps 4000] [--threads 2]
+Run: python benchmarks/toyworld/train_clip.py [--steps 2000] [--threads 2]
 """
 
 from __future__ import annotations
@@ -162,8 +162,8 @@ def retrieval_accuracy(model, tokenizer, count: int = 200, ways: int = 10, hard:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train the toy world's tiny CLIP.")
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=96)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--defect-rate", type=float, default=0.4)
