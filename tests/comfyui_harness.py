@@ -23,6 +23,10 @@ REFINERY_NODE_IDS = (
     "RefineryPQMap",
     "RefineryAQMap",
     "RefineryRefineMask",
+    "RefineryRefinePlan",
+    "RefineryMaskedRedenoise",
+    "RefineryGlobalRedenoise",
+    "RefineryGRefine",
 )
 PACK_LINK_NAME = "ComfyUI-Refinery"
 

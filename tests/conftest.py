@@ -104,3 +104,18 @@ def comfy_harness(comfyui_dir, tmp_path_factory) -> ComfyHarness:
 def run_graph(comfy_harness):
     """``run_graph(graph, outputs=None) -> GraphResult``: validate and execute an API-format graph."""
     return comfy_harness.run_graph
+
+
+@pytest.fixture(scope="session")
+def sd15_models(comfy_harness) -> dict[str, str]:
+    """A random SD1.5-shaped UNet, CLIP-L and VAE (``sd15_checkpoint.py``; built once per machine into a cache,
+    about 30 s) linked into the harness's models/{unet,text_encoders,vae}/ and registered with ComfyUI.
+    Returns {"unet": name, "text_encoders": name, "vae": name} for UNETLoader, CLIPLoader, VAELoader."""
+    import folder_paths
+
+    from sd15_checkpoint import install_sd15
+
+    names = install_sd15(comfy_harness.models_dir)
+    for folder_key, sub in (("diffusion_models", "unet"), ("text_encoders", "text_encoders"), ("vae", "vae")):
+        folder_paths.add_model_folder_path(folder_key, str(comfy_harness.models_dir / sub), is_default=True)
+    return names

@@ -1,0 +1,413 @@
+"""G-Refine two-stage refiner nodes (g-refine.txt eq. 9-10, METHODS.md 1.4): thin V3 adapters over
+``core.refine_plan`` and the ComfyUI sampling helpers of ``nodes/sampling.py``.
+
+- Refine Plan: maps + scores -> REFINERY_PLAN (per image: binary/feathered mask, stage strengths and steps, skips).
+- Masked Re-denoise (stage 1) and Global Re-denoise (stage 2): run a plan on a LATENT with any ComfyUI MODEL.
+- G-Refine: the whole refiner in one node (maps, plan, both stages, decode).
+
+Score lists: the PQ/AQ-Map nodes give p, a and the emphasized prompts as ComfyUI output lists (one value per
+image). Wired into an ordinary input, ComfyUI would run the plan once per value; the plan node is therefore
+``is_input_list=True``: it takes the whole lists (and unwraps its one-value widgets), so the same sockets also take a
+single typed-in value that applies to every image.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management
+import comfy.samplers
+
+from ..core import aq_map, pq_map
+from ..core.masks import MaskSettings
+from ..core.refine_plan import ImagePlan, RefinerSettings, plan_refinement
+from .comfy_io import check_images, check_mask, match_batches, on_compute_device
+from .quality_maps import IMAGES_PER_FORWARD, QualityClip, QualityPrompts
+from .sampling import (
+    DEFAULT_PIXELS_PER_LATENT,
+    StageProgress,
+    check_conditioning,
+    check_latent,
+    check_model_channels,
+    check_plans,
+    planned_steps,
+    run_stage,
+    sampled_images,
+    stage_masks,
+)
+
+logger = logging.getLogger(__name__)
+
+CATEGORY = "Refinery/refine"
+Plan = io.Custom("REFINERY_PLAN")
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+
+
+# -- shared schema pieces ------------------------------------------------------------------------------------------
+def _plan_knobs() -> list:
+    """Mask and plan knobs shared by Refine Plan and G-Refine (names are RefinerSettings/MaskSettings fields)."""
+    return [
+        io.Float.Input("threshold", default=0.5, min=0.0, max=1.0, step=0.01,
+                       tooltip="Pixels where 1-P+A is above it are re-denoised in stage 1. Lower = larger mask."),
+        io.Int.Input("min_area", default=64, min=0, max=1 << 24,
+                     tooltip="Mask regions smaller than this many pixels are dropped (speckle removal)."),
+        io.Int.Input("dilation", default=4, min=0, max=512,
+                     tooltip="Grow the mask by this many pixels so fixes blend into their surroundings."),
+        io.Float.Input("feather", default=4.0, min=0.0, max=256.0, step=0.5,
+                       tooltip="Gaussian sigma (pixels) of the feathered mask's soft edge (an output for blending; "
+                       "stage 1 samples on the binary mask)."),
+        io.Float.Input("strength_min", default=0.3, min=0.0, max=1.0, step=0.01,
+                       tooltip="Stage-1 denoise of a perfect image (p = a = 1). Stage 1 strength = strength_max - "
+                       "(strength_max - strength_min) * (p + a) / 2: lower quality, stronger."),
+        io.Float.Input("strength_max", default=0.8, min=0.0, max=1.0, step=0.01,
+                       tooltip="Stage-1 denoise of the worst image (p = a = 0). Higher = more repainting."),
+        io.Float.Input("global_strength", default=0.1, min=0.0, max=1.0, step=0.01,
+                       tooltip="Stage-2 denoise of the whole image (delta, 0.1-0.15 in the paper). 0 = no stage 2."),
+        io.Int.Input("total_steps", default=20, min=1, max=10000,
+                     tooltip="Sampler steps of both stages together (n1 + n2; 20 in the paper). A total of 1 gives "
+                     "stage 2 no step."),
+        io.Float.Input("stage1_share", default=0.5, min=0.0, max=1.0, step=0.05,
+                       tooltip="Fraction of total_steps run by stage 1 (each stage gets at least 1 when possible)."),
+        io.Float.Input("perceptual_gate", default=0.9, min=0.0, max=1.01, step=0.01,
+                       tooltip="An image with p >= perceptual_gate and a >= alignment_gate is good enough: no stage "
+                       "1. Above 1 = never gate. Lower = more images pass untouched."),
+        io.Float.Input("alignment_gate", default=0.3, min=-1.0, max=1.01, step=0.01,
+                       tooltip="Gate on a (a CLIP cosine times penalties, typically 0.1-0.4). Above 1 = never gate."),
+        io.Boolean.Input("gated_untouched", default=True,
+                         tooltip="Images that pass both gates also skip stage 2 and come back bit-identical. Off: "
+                         "they still get the light stage 2."),
+    ]
+
+
+def _settings(threshold: float, min_area: int, dilation: int, feather: float, strength_min: float,
+              strength_max: float, global_strength: float, total_steps: int, stage1_share: float,
+              perceptual_gate: float, alignment_gate: float, gated_untouched: bool) -> RefinerSettings:
+    """The widget values as core settings (which validate them with a ValueError naming the knob)."""
+    return RefinerSettings(
+        strength_min=strength_min, strength_max=strength_max, global_strength=global_strength,
+        total_steps=total_steps, stage1_share=stage1_share, perceptual_gate=perceptual_gate,
+        alignment_gate=alignment_gate, skip_stage2_when_gated=gated_untouched,
+        mask=MaskSettings(threshold=threshold, min_area=min_area, dilation=dilation, feather_sigma=feather),
+    )
+
+
+def _sampling_inputs() -> list:
+    return [
+        io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
+                     tooltip="Noise seed; image i of the batch gets the noise KSampler would give it."),
+        io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler",
+                       tooltip="ComfyUI sampler."),
+        io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal",
+                       tooltip="ComfyUI scheduler; with strength d and n steps, the last n steps of an n/d schedule "
+                       "run (as in KSampler with denoise)."),
+        io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                       tooltip="Classifier-free guidance scale. Higher = closer to the prompt."),
+    ]
+
+
+def plan_summary(plans: list[ImagePlan], perceptual_scores, alignment_scores) -> str:
+    """One readable line per image: the decision, scores, strengths, steps, mask area, prompt."""
+    lines = []
+    for index, plan in enumerate(plans):
+        head = f"image {index}: {plan.reason} (p {float(perceptual_scores[index]):.3f}, " \
+               f"a {float(alignment_scores[index]):.3f})"
+        if plan.skip_stage1 and plan.skip_stage2:
+            lines.append(f"{head} | untouched")
+            continue
+        area = 100.0 * float(plan.binary_mask.float().mean())
+        first = "stage 1: skipped" if plan.skip_stage1 else \
+            f"stage 1: strength {plan.stage1_strength:.3f}, {plan.stage1_steps} steps on {area:.1f}% of the pixels"
+        second = "stage 2: skipped" if plan.skip_stage2 or plan.stage2_steps < 1 or plan.stage2_strength <= 0 else \
+            f"stage 2: strength {plan.stage2_strength:.3f}, {plan.stage2_steps} steps"
+        lines.append(f"{head} | {first} | {second} | prompt: {plan.prompt!r}")
+    return "\n".join(lines)
+
+
+def stage1_pixel_masks(plans: list[ImagePlan], kind: str = "binary_mask") -> torch.Tensor:
+    """(B, H, W) masks (the plans' ``binary_mask`` or ``feathered_mask``) of what stage 1 re-denoises: all-zero
+    where stage 1 is skipped."""
+    return torch.stack([getattr(plan, kind) * (0.0 if plan.skip_stage1 else 1.0) for plan in plans])
+
+
+def _one(values: list, name: str):
+    """The single value of a widget on an is_input_list node."""
+    if len(values) != 1:
+        raise ValueError(f"'{name}' got {len(values)} values; it takes one value for the whole batch.")
+    return values[0]
+
+
+def _per_image(values: list, batch: int, name: str) -> list:
+    """A list input with one value per image, or one value for all."""
+    if len(values) == 1:
+        return list(values) * batch
+    if len(values) != batch:
+        raise ValueError(f"'{name}' has {len(values)} values for a batch of {batch} images: connect the output of "
+                         f"the map node that saw the same images (one value per image), or give a single value.")
+    return list(values)
+
+
+def _mask_batch(masks: list, name: str) -> torch.Tensor:
+    """A MASK list input (usually one (B, H, W) batch) as one (B, H, W) tensor."""
+    checked = [check_mask(mask, name) for mask in masks]
+    if len({tuple(mask.shape[1:]) for mask in checked}) != 1:
+        raise ValueError(f"'{name}' got masks of different sizes {[tuple(m.shape) for m in checked]}: resize them.")
+    return torch.cat(checked)
+
+
+# -- nodes ---------------------------------------------------------------------------------------------------------
+class RefinePlan(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefineryRefinePlan",
+            display_name="G-Refine Plan (Refinery)",
+            category=CATEGORY,
+            description="Decides, per image, what the two-stage refiner does: the stage-1 mask Bi(1-P+A), stage-1 "
+            "strength from the scores p and a (lower quality, stronger), the steps of each stage, and whether the "
+            "image passes the quality gate untouched. Takes the per-image score lists of the map nodes as they are.",
+            is_input_list=True,
+            is_experimental=True,
+            inputs=[
+                io.Mask.Input("perceptual_map", tooltip="P from the PQ-Map node (1 = good)."),
+                io.Float.Input("perceptual_score", default=0.5, min=0.0, max=1.0, step=0.001,
+                               tooltip="p per image: connect the PQ-Map node's score list, or type one value for "
+                               "every image. Lower = stronger stage 1."),
+                io.Mask.Input("alignment_map", tooltip="A from the AQ-Map node (1 = must change)."),
+                io.Float.Input("alignment_score", default=0.3, min=-1.0, max=1.0, step=0.001,
+                               tooltip="a per image: connect the AQ-Map node's score list, or one value for all."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="The prompt for both stages: connect the AQ-Map node's emphasized prompts "
+                                "(one per image) or type one. Only carried in the plan and its summary."),
+                *_plan_knobs(),
+            ],
+            outputs=[
+                Plan.Output("plan", tooltip="Per-image plan for the re-denoise nodes."),
+                io.Mask.Output("binary_mask", tooltip="Stage-1 mask, 1 = re-denoise (all-zero for gated images)."),
+                io.Mask.Output("feathered_mask", tooltip="The mask with a soft edge, for blending."),
+                io.String.Output("summary", tooltip="One line per image: decision, strengths, steps, mask area."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, perceptual_map: list, perceptual_score: list, alignment_map: list, alignment_score: list,
+                prompt: list, **knobs: list) -> io.NodeOutput:
+        settings = _settings(**{name: _one(value, name) for name, value in knobs.items()})
+        perceptual, alignment = match_batches(_mask_batch(perceptual_map, "perceptual_map"),
+                                              _mask_batch(alignment_map, "alignment_map"),
+                                              ("perceptual_map", "alignment_map"))
+        batch = perceptual.shape[0]
+        p = torch.tensor(_per_image(perceptual_score, batch, "perceptual_score"), dtype=torch.float32)
+        a = torch.tensor(_per_image(alignment_score, batch, "alignment_score"), dtype=torch.float32)
+        prompts = _per_image(prompt, batch, "prompt")
+        plans = plan_refinement(perceptual, p, alignment, a, prompts, settings)
+        summary = plan_summary(plans, p, a)
+        binary = stage1_pixel_masks(plans)
+        feathered = stage1_pixel_masks(plans, "feathered_mask")
+        return io.NodeOutput(plans, binary, feathered, summary, ui={"text": [summary]})
+
+
+class MaskedRedenoise(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefineryMaskedRedenoise",
+            display_name="G-Refine Stage 1: Masked Re-denoise (Refinery)",
+            category=CATEGORY,
+            description="Stage 1 of G-Refine: each image is re-denoised inside its plan mask only, at its own "
+            "strength, with ComfyUI's sampler (a latent noise mask, so inpainting checkpoints work too). The latent "
+            "outside the mask is returned bit-identical; images the plan skips (gated, empty mask) pass unchanged. An "
+            "all-one mask re-denoises the whole image at the stage-1 strength; an all-zero mask skips the image.",
+            is_experimental=True,
+            inputs=[
+                io.Model.Input("model", tooltip="Any ComfyUI model (an inpainting checkpoint suits stage 1)."),
+                io.Conditioning.Input("positive", tooltip="One conditioning for every image."),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent", tooltip="VAEEncode of the images the plan was made from."),
+                Plan.Input("plan", tooltip="From the G-Refine Plan node."),
+                *_sampling_inputs(),
+                io.Int.Input("pixels_per_latent", default=DEFAULT_PIXELS_PER_LATENT, min=1, max=64,
+                             tooltip="The VAE's downscale factor (8 for SD1.5, SDXL, SD3, Flux): maps the plan's "
+                             "pixel masks onto the latent grid."),
+            ],
+            outputs=[io.Latent.Output("refined_latent")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent: dict, plan: list, seed: int, sampler_name: str,
+                scheduler: str, cfg: float, pixels_per_latent: int) -> io.NodeOutput:
+        samples = check_latent(latent, model)
+        plans = check_plans(plan, samples.shape[0])
+        conditioning = (check_conditioning(positive, "positive"), check_conditioning(negative, "negative"))
+        masks = stage_masks(plans, tuple(samples.shape[-2:]), pixels_per_latent)
+        progress = StageProgress(planned_steps(plans, 1, masks))
+        refined = run_stage(model, lambda _prompt: conditioning, samples, plans, 1, seed, sampler_name, scheduler,
+                            cfg, progress, masks, latent.get("batch_index"))
+        return io.NodeOutput({**latent, "samples": refined})
+
+
+class GlobalRedenoise(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefineryGlobalRedenoise",
+            display_name="G-Refine Stage 2: Global Re-denoise (Refinery)",
+            category=CATEGORY,
+            description="Stage 2 of G-Refine: the whole image re-denoised at the plan's small strength (delta) to "
+            "even out stage 1's seams. Images the plan returns untouched pass bit-identical.",
+            is_experimental=True,
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive", tooltip="One conditioning for every image."),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent", tooltip="Usually the Masked Re-denoise output."),
+                Plan.Input("plan"),
+                *_sampling_inputs(),
+            ],
+            outputs=[io.Latent.Output("refined_latent")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent: dict, plan: list, seed: int, sampler_name: str,
+                scheduler: str, cfg: float) -> io.NodeOutput:
+        samples = check_latent(latent, model)
+        plans = check_plans(plan, samples.shape[0])
+        conditioning = (check_conditioning(positive, "positive"), check_conditioning(negative, "negative"))
+        progress = StageProgress(planned_steps(plans, 2))
+        refined = run_stage(model, lambda _prompt: conditioning, samples, plans, 2, seed, sampler_name, scheduler,
+                            cfg, progress, None, latent.get("batch_index"))
+        return io.NodeOutput({**latent, "samples": refined})
+
+
+class GRefine(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefineryGRefine",
+            display_name="G-Refine (Refinery)",
+            category=CATEGORY,
+            description="The whole G-Refine refiner: quality maps (PQ-Map, AQ-Map at their default knobs), plan, "
+            "stage 1 (masked re-denoise, emphasized prompt) and stage 2 (light global re-denoise) with ComfyUI's "
+            "sampler, decode. Images that pass the quality gate come back bit-identical. Image sides must be "
+            "multiples of the VAE factor (8). Stage 1 samples with seed, stage 2 with seed + 1.",
+            is_experimental=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The model of stage 2 (and of stage 1 unless stage1_model is set)."),
+                io.Clip.Input("clip", tooltip="Encodes the (emphasized) prompts, with ComfyUI's (text:1.1) syntax."),
+                io.Vae.Input("vae", tooltip="The model's VAE."),
+                io.Image.Input("image", tooltip="A batch; sides multiples of 8."),
+                QualityClip.Input("quality_clip", tooltip="From Load Quality CLIP."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="The generation prompt: checked by the AQ-Map; missing phrases are emphasized "
+                                "per image for both stages."),
+                io.String.Input("negative_prompt", multiline=True, default="",
+                                tooltip="Negative prompt (unless a negative CONDITIONING is connected)."),
+                *_sampling_inputs(),
+                io.Float.Input("emphasis", default=1.1, min=1.0, max=2.0, step=0.05,
+                               tooltip="Weight of the phrases the AQ-Map found missing, (phrase:1.1)."),
+                *_plan_knobs(),
+                QualityPrompts.Input("quality_prompts", optional=True,
+                                     tooltip="Learned quality prompts; unconnected = the plain-text pairs."),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip="Overrides the prompt (and the per-image emphasis) for sampling."),
+                io.Conditioning.Input("negative", optional=True, tooltip="Overrides negative_prompt."),
+                io.Model.Input("stage1_model", optional=True,
+                               tooltip="Another model for stage 1, e.g. an inpainting checkpoint of the same family."),
+            ],
+            outputs=[
+                io.Image.Output("refined_image"),
+                io.Mask.Output("binary_mask", tooltip="Stage-1 mask per image (all-zero where stage 1 was skipped)."),
+                io.String.Output("summary", tooltip="The plan, one line per image."),
+                Plan.Output("plan"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, image, quality_clip, prompt: str, negative_prompt: str, seed: int,
+                sampler_name: str, scheduler: str, cfg: float, emphasis: float, quality_prompts=None, positive=None,
+                negative=None, stage1_model=None, **knobs) -> io.NodeOutput:
+        settings = _settings(**knobs)
+        images = check_images(image)
+        factor = vae.spacial_compression_encode()
+        if images.shape[1] % factor or images.shape[2] % factor:
+            raise ValueError(
+                f"The image is {images.shape[2]}x{images.shape[1]} pixels (W x H); G-Refine needs both sides to be "
+                f"multiples of the VAE factor {factor} so untouched images and refined ones keep the same size. "
+                f"Crop or scale it first (ImageCrop, ImageScale)."
+            )
+        stage1_model = stage1_model if stage1_model is not None else model
+        for name, each in (("model", model), ("stage1_model", stage1_model)):
+            check_model_channels(each, vae.latent_channels, f"The VAE makes {vae.latent_channels}-channel latents "
+                                 f"('{name}')")
+        conditioning_for = _conditioning(clip, negative_prompt, positive, negative)
+
+        perceptual, p, alignment, a, emphasized = _quality_maps(quality_clip, images, prompt, quality_prompts,
+                                                                emphasis)
+        plans = plan_refinement(perceptual, p, alignment, a, emphasized, settings)
+        summary = plan_summary(plans, p, a)
+
+        masks = stage_masks(plans, (images.shape[1] // factor, images.shape[2] // factor), factor)
+        sampled = sampled_images(plans, masks)
+        refined = images.clone()  # images nothing is sampled for keep their exact input pixels
+        if sampled:
+            progress = StageProgress(planned_steps(plans, 1, masks) + planned_steps(plans, 2))
+            samples = vae.encode(images)  # (B, H, W, 3) -> (B, C, H/8, W/8)
+            stage1 = run_stage(stage1_model, conditioning_for, samples, plans, 1, seed, sampler_name, scheduler, cfg,
+                               progress, masks)
+            stage2 = run_stage(model, conditioning_for, stage1, plans, 2, (seed + 1) % (SEED_MAX + 1), sampler_name,
+                               scheduler, cfg, progress)
+            decoded = vae.decode(stage2[sampled])  # (k, C, h, w) -> (k, H, W, 3)
+            refined[sampled] = decoded.reshape(len(sampled), *images.shape[1:]).to(refined)
+        binary = stage1_pixel_masks(plans)
+        return io.NodeOutput(refined, binary, summary, plans, ui={"text": [summary]})
+
+
+# -- G-Refine helpers (compositions of core calls, no method logic) ---------------------------------------------
+def _conditioning(clip, negative_prompt: str, positive=None, negative=None):
+    """prompt -> (positive, negative) CONDITIONING, as CLIPTextEncode makes them (ComfyUI parses the (text:1.1)
+    emphasis); each distinct prompt is encoded once. Connected conditionings override the text."""
+    if clip is None and (positive is None or negative is None):
+        raise ValueError("'clip' is None (the checkpoint has no text encoder): connect a CLIP, or both positive "
+                         "and negative conditionings.")
+    cache: dict[str, list] = {}
+
+    def encode(text: str) -> list:
+        if text not in cache:
+            cache[text] = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        return cache[text]
+
+    fixed_positive = check_conditioning(positive, "positive") if positive is not None else None
+    fixed_negative = check_conditioning(negative, "negative") if negative is not None else None
+
+    def conditioning_for(prompt: str) -> tuple[list, list]:
+        return (fixed_positive if fixed_positive is not None else encode(prompt),
+                fixed_negative if fixed_negative is not None else encode(negative_prompt))
+
+    return conditioning_for
+
+
+def _quality_maps(quality_clip, images: torch.Tensor, prompt: str, quality_prompts, emphasis: float):
+    """PQ-Map and AQ-Map of a batch from one quality-model forward per chunk, at the map nodes' default knobs.
+    Returns P (B, H, W), p (B,), A (B, H, W), a (B,), B emphasized prompts."""
+    prompts = quality_prompts if quality_prompts is not None else pq_map.text_quality_prompts()
+    maps_p, scores_p, maps_a, scores_a, emphasized = [], [], [], [], []
+    with on_compute_device(quality_clip) as encoder, torch.inference_mode():
+        prompt_features = pq_map.encode_quality_prompts(encoder, prompts)
+        for start in range(0, images.shape[0], IMAGES_PER_FORWARD):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            part = images[start:start + IMAGES_PER_FORWARD]
+            features = encoder.encode_image(part)
+            perceptual = pq_map.perceptual_quality(features, prompt_features, encoder.logit_scale)
+            alignment = aq_map.alignment_quality(encoder, features, [prompt] * part.shape[0],
+                                                 emphasis_weight=emphasis)
+            maps_p.append(perceptual.map.cpu())
+            scores_p.append(perceptual.score.cpu())
+            maps_a.append(alignment.map.cpu())
+            scores_a.append(alignment.score.cpu())
+            emphasized += alignment.emphasized_prompts
+    return torch.cat(maps_p), torch.cat(scores_p), torch.cat(maps_a), torch.cat(scores_a), emphasized
+
+
+NODES = [RefinePlan, MaskedRedenoise, GlobalRedenoise, GRefine]

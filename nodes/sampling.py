@@ -1,0 +1,217 @@
+"""Run one stage of a G-Refine plan (core/refine_plan.py) with ComfyUI's own sampler, shared by the modular stage
+nodes and the all-in-one node (nodes/refiner.py).
+
+How a stage samples (g-refine.txt eq. 10, METHODS.md 1.4):
+- ``comfy.sample.sample`` with ``steps = plan steps`` and ``denoise = plan strength``. ComfyUI's KSampler with
+  ``steps=s, denoise=d < 1`` builds a schedule of ``int(s / d)`` steps and runs its last ``s``
+  (``comfy.samplers.KSampler.set_steps``), so the planned step count is passed unchanged and exactly that many
+  model steps run. ``d > 0.9999`` is a full schedule (start from noise).
+- Stage 1 passes the plan's binary mask, reduced to latent cells, as ComfyUI's ``noise_mask`` (what SetLatentNoiseMask
+  does; inpainting checkpoints read it too), then keeps the input latent bit for bit wherever that latent mask is 0
+  (ComfyUI's own result there is the input only up to float error of its Euler steps and latent scaling).
+- Noise is ``comfy.sample.prepare_noise(whole latent, seed, batch_index)`` sliced per image, so image i gets the
+  same noise as in a plain KSampler run over the batch. Images with the same (strength, steps, prompt) are sampled
+  together as one batch; each keeps its own mask.
+- Images whose plan skips the stage, with strength 0 or 0 steps (a total of 1 step gives stage 2 none), or with
+  an empty stage-1 mask are not sampled: their latent comes back unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import comfy.model_management
+import comfy.sample
+import comfy.utils
+import latent_preview
+
+from ..core.refine_plan import ImagePlan
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PIXELS_PER_LATENT = 8  # SD1.x, SD2, SDXL, SD3, Flux VAEs
+ConditioningFor = Callable[[str], tuple[list, list]]  # prompt -> (positive, negative)
+
+
+def check_plans(plans, batch: int) -> list[ImagePlan]:
+    """A REFINERY_PLAN for a latent/image batch of ``batch``: one plan per image, or one plan for all."""
+    fields = ImagePlan.__dataclass_fields__  # duck-typed: the pack may be loaded under two module names
+    if not isinstance(plans, (list, tuple)) or not plans or not all(all(hasattr(p, f) for f in fields) for p in plans):
+        raise ValueError(f"'plan' must be a REFINERY_PLAN from the Refine Plan node (a list of image plans), "
+                         f"got {type(plans).__name__}.")
+    if len(plans) == 1 and batch > 1:
+        return list(plans) * batch
+    if len(plans) != batch:
+        raise ValueError(
+            f"The plan covers {len(plans)} images but the latent holds a batch of {batch}: make the plan from the "
+            f"same images you VAE-encode (one plan per image, or a single plan for every image)."
+        )
+    return list(plans)
+
+
+def check_latent(latent, model, name: str = "latent") -> torch.Tensor:
+    """The (B, C, h, w) samples of an image LATENT whose channels fit ``model``; refuses latents with a noise_mask
+    (the refiner makes its own masks from the plan)."""
+    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
+        raise ValueError(f"'{name}' must be a LATENT (a dict with 'samples'), got {type(latent).__name__}.")
+    samples = latent["samples"]
+    if samples.is_nested or samples.ndim != 4:
+        raise ValueError(f"'{name}' must be an image latent of shape (B, C, h, w), got {tuple(samples.shape)}: "
+                         "video and audio latents are not supported.")
+    if "noise_mask" in latent:
+        raise ValueError(f"'{name}' already carries a noise_mask (SetLatentNoiseMask / VAEEncodeForInpaint): the "
+                         "refiner masks stage 1 with the plan's mask. Encode the image with a plain VAEEncode.")
+    check_model_channels(model, samples.shape[1], f"'{name}' has {samples.shape[1]} channels")
+    return samples
+
+
+def check_model_channels(model, channels: int, what: str) -> None:
+    """Raise when a latent with ``channels`` channels cannot go into ``model`` (a VAE of another model family)."""
+    expected = model.get_model_object("latent_format").latent_channels
+    if channels != expected:
+        raise ValueError(
+            f"{what} but the model works on {expected}-channel latents: the VAE does not belong to this model "
+            f"(e.g. an SDXL/SD1.5 VAE with an SD3/Flux model, or the reverse). Use the VAE made for the model."
+        )
+
+
+def check_conditioning(conditioning, name: str) -> list:
+    """A CONDITIONING used for every image: each entry's batch must be 1."""
+    entries_ok = isinstance(conditioning, list) and all(isinstance(c, (list, tuple)) and len(c) == 2 for c in conditioning)
+    if not entries_ok:
+        raise ValueError(f"'{name}' must be a CONDITIONING (from CLIPTextEncode), got {type(conditioning).__name__}.")
+    for entry in conditioning:
+        if isinstance(entry[0], torch.Tensor) and entry[0].shape[0] != 1:
+            raise ValueError(
+                f"'{name}' holds a batch of {entry[0].shape[0]} conditionings: the refiner uses one conditioning for "
+                f"every image (each image's emphasized prompt is in the plan). Encode a single prompt."
+            )
+    return conditioning
+
+
+def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int], pixels_per_latent: int) -> torch.Tensor:
+    """A pixel mask (H, W), 1 = change, reduced to the latent grid: (h, w) float 0/1, 1 where any pixel of the
+    cell is masked (> 0.5), so the latent mask covers every masked pixel. The pixels are centre-cropped to a
+    multiple of ``pixels_per_latent`` first, as ComfyUI's VAE encode crops them."""
+    height, width = mask.shape[-2:]
+    h, w = latent_size
+    f = pixels_per_latent
+    if height // f != h or width // f != w:
+        raise ValueError(
+            f"The plan's mask is {height}x{width} pixels (H x W) but the latent is {h}x{w} cells, i.e. "
+            f"{h * f}x{w * f} pixels at {f} pixels per latent cell: the plan was made from another image size. "
+            f"Compute the maps on the same image you VAE-encode (or set pixels_per_latent to your VAE's factor)."
+        )
+    top, left = (height % f) // 2, (width % f) // 2
+    cropped = mask[top:top + h * f, left:left + w * f].float()
+    # (h*f, w*f) -> (1, 1, h*f, w*f) -> max over each f x f cell -> (h, w)
+    cells = F.max_pool2d((cropped > 0.5).float()[None, None], kernel_size=f)[0, 0]
+    return cells
+
+
+def stage_masks(plans: list[ImagePlan], latent_size: tuple[int, int], pixels_per_latent: int) -> torch.Tensor:
+    """(B, 1, h, w) latent-grid stage-1 masks of every plan (all-zero for images that skip stage 1)."""
+    masks = [
+        torch.zeros(latent_size) if plan.skip_stage1 else latent_mask(plan.binary_mask, latent_size, pixels_per_latent)
+        for plan in plans
+    ]
+    return torch.stack(masks)[:, None]  # (B, h, w) -> (B, 1, h, w)
+
+
+def stage_jobs(plans: list[ImagePlan], stage: int, masks: torch.Tensor | None = None) -> list[tuple[tuple, list[int]]]:
+    """The sampler calls of one stage: ((strength, steps, prompt), image indices), images sharing all three
+    grouped; skipped images (see module doc) left out."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for index, plan in enumerate(plans):
+        if stage == 1:
+            skip, strength, steps = plan.skip_stage1, plan.stage1_strength, plan.stage1_steps
+            if not skip and masks is not None and not bool(masks[index].any()):
+                skip = True  # an all-zero mask: nothing to change locally (documented)
+        else:
+            skip, strength, steps = plan.skip_stage2, plan.stage2_strength, plan.stage2_steps
+        if skip or strength <= 0 or steps < 1:
+            continue
+        if not 0 <= strength <= 1:
+            raise ValueError(f"Image {index}'s stage-{stage} strength is {strength}: it must be in [0, 1]. Rebuild "
+                             "the plan with the Refine Plan node.")
+        groups[(float(strength), int(steps), plan.prompt)].append(index)
+    return list(groups.items())
+
+
+class StageProgress:
+    """One ComfyUI progress bar over every sampler step of a node (both stages in the all-in-one node), with
+    latent previews like KSampler's. Each update is also ComfyUI's interrupt point."""
+
+    def __init__(self, total_steps: int):
+        self.total = max(int(total_steps), 1)
+        self.done = 0
+        self.bar = comfy.utils.ProgressBar(self.total)
+
+    def callback(self, model):
+        previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+        offset = self.done
+
+        def on_step(step, x0, x, total_steps):
+            preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer else None
+            self.bar.update_absolute(min(offset + step + 1, self.total), self.total, preview)
+
+        return on_step
+
+    def advance(self, steps: int) -> None:
+        self.done += steps
+        self.bar.update_absolute(min(self.done, self.total), self.total)
+
+
+def sampled_images(plans: list[ImagePlan], masks: torch.Tensor) -> list[int]:
+    """Indices of the images either stage samples (the others are returned untouched)."""
+    stage1 = [i for _, indices in stage_jobs(plans, 1, masks) for i in indices]
+    stage2 = [i for _, indices in stage_jobs(plans, 2) for i in indices]
+    return sorted(set(stage1) | set(stage2))
+
+
+def planned_steps(plans: list[ImagePlan], stage: int, masks: torch.Tensor | None = None) -> int:
+    """How many sampler steps a stage will run (for the progress bar)."""
+    return sum(key[1] for key, _ in stage_jobs(plans, stage, masks))
+
+
+def run_stage(
+    model,
+    conditioning_for: ConditioningFor,
+    samples: torch.Tensor,
+    plans: list[ImagePlan],
+    stage: int,
+    seed: int,
+    sampler_name: str,
+    scheduler: str,
+    cfg: float,
+    progress: StageProgress,
+    masks: torch.Tensor | None = None,
+    batch_index=None,
+) -> torch.Tensor:
+    """Re-denoise ``samples`` (B, C, h, w) by the plans' stage ``stage`` (1: masked, 2: global); returns a new
+    (B, C, h, w) tensor, unsampled images unchanged. masks: (B, 1, h, w) latent-grid masks (stage 1 only)."""
+    if stage == 1 and masks is None:
+        raise ValueError("stage 1 needs the latent masks (stage_masks)")
+    noise = comfy.sample.prepare_noise(samples, seed, batch_index)  # (B, C, h, w), image i as in a KSampler batch
+    result = samples.clone()
+    for (strength, steps, prompt), indices in stage_jobs(plans, stage, masks):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        positive, negative = conditioning_for(prompt)
+        part = samples[indices]
+        mask = masks[indices].to(part.device) if stage == 1 else None
+        sampled = comfy.sample.sample(
+            model, noise[indices], steps, cfg, sampler_name, scheduler, positive, negative, part,
+            denoise=strength, noise_mask=mask, callback=progress.callback(model),
+            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+        ).to(device=part.device, dtype=part.dtype)
+        if mask is not None:
+            sampled = torch.where(mask > 0, sampled, part)  # (k, 1, h, w) over (k, C, h, w): input kept bit for bit
+        result[indices] = sampled
+        progress.advance(steps)
+        logger.debug("stage %d: images %s, strength %.3f, %d steps", stage, indices, strength, steps)
+    return result
