@@ -153,6 +153,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=TOY_SD_FOLDER)
+    parser.add_argument("--resume-from", type=Path, default=None,
+                        help="continue training the UNet and text encoder of a saved pipeline (its VAE is kept; "
+                        "new scenes are drawn with --seed)")
+    parser.add_argument("--previous-unet-steps", type=int, default=0,
+                        help="with --resume-from: UNet steps already done, for the metrics")
     args = parser.parse_args(argv)
     if min(args.vae_steps, args.unet_steps, args.batch_size, args.vae_batch_size) < 1:
         parser.error("steps and batch sizes must be >= 1")
@@ -165,14 +170,21 @@ def main(argv=None) -> dict:
     start = time.time()
     temporary = args.output.with_name(args.output.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    pipeline = build_pipeline(args.seed, temporary / "tokenizer_files")
-    pipeline.vae.train()
-    vae_loss = train_vae(pipeline.vae, args.vae_steps, args.vae_batch_size, args.seed, args.vae_learning_rate)
-    pipeline.vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        pictures, _ = scene_batch(range(10**8, 10**8 + 256))
-        latents = pipeline.vae.encode(pictures).latent_dist.sample(torch.Generator().manual_seed(args.seed))
-    pipeline.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    if args.resume_from is not None:
+        from .sd_pipeline import load_pipeline
+
+        pipeline = load_pipeline(args.resume_from)
+        pipeline.vae.eval().requires_grad_(False)
+        vae_loss = float("nan")
+    else:
+        pipeline = build_pipeline(args.seed, temporary / "tokenizer_files")
+        pipeline.vae.train()
+        vae_loss = train_vae(pipeline.vae, args.vae_steps, args.vae_batch_size, args.seed, args.vae_learning_rate)
+        pipeline.vae.eval().requires_grad_(False)
+        with torch.no_grad():
+            pictures, _ = scene_batch(range(10**8, 10**8 + 256))
+            latents = pipeline.vae.encode(pictures).latent_dist.sample(torch.Generator().manual_seed(args.seed))
+        pipeline.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     vae_seconds = time.time() - start
     pipeline.unet.train()
     pipeline.text_encoder.train()
@@ -183,7 +195,8 @@ def main(argv=None) -> dict:
         "training_seconds": time.time() - start,
         "vae_seconds": vae_seconds,
         "vae_steps": float(args.vae_steps),
-        "unet_steps": float(args.unet_steps),
+        "unet_steps": float(args.unet_steps + args.previous_unet_steps),
+        "resumed_from_steps": float(args.previous_unet_steps),
         "batch_size": float(args.batch_size),
         "vae_final_loss": vae_loss,
         "unet_final_loss": unet_loss,
