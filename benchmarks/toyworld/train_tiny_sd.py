@@ -175,7 +175,7 @@ def main(argv=None) -> dict:
 
         pipeline = load_pipeline(args.resume_from)
         pipeline.vae.eval().requires_grad_(False)
-        vae_loss = float("nan")
+        vae_loss = None  # the VAE is kept as it was
     else:
         pipeline = build_pipeline(args.seed, temporary / "tokenizer_files")
         pipeline.vae.train()
@@ -198,11 +198,12 @@ def main(argv=None) -> dict:
         "unet_steps": float(args.unet_steps + args.previous_unet_steps),
         "resumed_from_steps": float(args.previous_unet_steps),
         "batch_size": float(args.batch_size),
-        "vae_final_loss": vae_loss,
         "unet_final_loss": unet_loss,
         "scaling_factor": pipeline.vae.config.scaling_factor,
         **steering_accuracy(pipeline),
     }
+    if vae_loss is not None:
+        metrics["vae_final_loss"] = vae_loss
     shutil.rmtree(temporary / "tokenizer_files", ignore_errors=True)
     pipeline.text_encoder.half()  # halves the largest file (the 49408-token embedding); loads back as float32
     pipeline.save_pretrained(str(temporary))
