@@ -104,11 +104,13 @@ def on_compute_device(encoder):
         encoder.to(comfy.model_management.unet_offload_device())
 
 
-def batch_chunks(batch_size: int, chunk: int):
-    """Yield slices over a batch, advancing a ComfyUI progress bar (which is also the interrupt point)."""
-    progress = comfy.utils.ProgressBar(batch_size)
+def batch_chunks(batch_size: int, chunk: int, progress: bool = True):
+    """Yield slices over a batch, checking for an interrupt before each and (``progress``) advancing a ComfyUI
+    progress bar (which is also an interrupt point)."""
+    bar = comfy.utils.ProgressBar(batch_size) if progress else None
     for start in range(0, batch_size, chunk):
         comfy.model_management.throw_exception_if_processing_interrupted()
         stop = min(start + chunk, batch_size)
         yield slice(start, stop)
-        progress.update(stop - start)
+        if bar is not None:
+            bar.update(stop - start)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 import torch
 from comfy_api.latest import io, ui
@@ -124,6 +125,56 @@ class QualityPromptsLoader(io.ComfyNode):
         return io.NodeOutput(pq_map.load_prompt_embeddings(resolve_model_file(QUALITY_PROMPTS_FOLDER, prompts)))
 
 
+@dataclass
+class QualityMaps:
+    """Maps of a batch; the fields of a map not asked for are None / empty.
+
+    perceptual_map P, alignment_map A: (B, H, W) in [0, 1]; perceptual_score p, alignment_score a: (B,);
+    emphasized_prompts, reports, warnings: one entry per image (AQ-Map)."""
+
+    perceptual_map: torch.Tensor | None = None
+    perceptual_score: torch.Tensor | None = None
+    alignment_map: torch.Tensor | None = None
+    alignment_score: torch.Tensor | None = None
+    emphasized_prompts: list = field(default_factory=list)
+    reports: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+
+
+def compute_quality_maps(quality_clip, images: torch.Tensor, *, perceptual: bool = True, quality_prompts=None,
+                         alpha=pq_map.DEFAULT_ALPHA, temperature: float = 0.0, prompt: str | None = None,
+                         noun_bound: float = 0.5, phrase_bound: float = 0.5, emphasis: float = 1.1,
+                         progress: bool = True) -> QualityMaps:
+    """PQ-Map (when ``perceptual``) and AQ-Map (when ``prompt`` is not None) of images (B, H, W, 3) in [0, 1]: one
+    quality-model forward per chunk of images serves both, on ComfyUI's device. progress: advance a ProgressBar
+    (False for a node that has its own bar; interrupts are honoured either way)."""
+    prompts = quality_prompts if quality_prompts is not None else pq_map.text_quality_prompts()
+    parts: dict[str, list] = {"P": [], "p": [], "A": [], "a": []}
+    result = QualityMaps()
+    with on_compute_device(quality_clip) as encoder, torch.inference_mode():
+        prompt_features = pq_map.encode_quality_prompts(encoder, prompts) if perceptual else None
+        for part in batch_chunks(images.shape[0], IMAGES_PER_FORWARD, progress):
+            features = encoder.encode_image(images[part])
+            if perceptual:
+                quality = pq_map.perceptual_quality(features, prompt_features, temperature or encoder.logit_scale,
+                                                    alpha)
+                parts["P"].append(quality.map.cpu())
+                parts["p"].append(quality.score.cpu())
+            if prompt is not None:
+                alignment = aq_map.alignment_quality(encoder, features, [prompt] * (part.stop - part.start),
+                                                     noun_bound, phrase_bound, emphasis)
+                parts["A"].append(alignment.map.cpu())
+                parts["a"].append(alignment.score.cpu())
+                result.emphasized_prompts += alignment.emphasized_prompts
+                result.reports += alignment.reports
+                result.warnings += alignment.warnings
+    if perceptual:
+        result.perceptual_map, result.perceptual_score = torch.cat(parts["P"]), torch.cat(parts["p"])
+    if prompt is not None:
+        result.alignment_map, result.alignment_score = torch.cat(parts["A"]), torch.cat(parts["a"])
+    return result
+
+
 class PerceptualQualityMap(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -161,20 +212,11 @@ class PerceptualQualityMap(io.ComfyNode):
     def execute(cls, quality_clip, image, alpha_technical: float, alpha_rational: float, alpha_natural: float,
                 temperature: float, quality_prompts=None) -> io.NodeOutput:
         images = check_images(image)
-        prompts = quality_prompts if quality_prompts is not None else pq_map.text_quality_prompts()
-        alpha = (alpha_technical, alpha_rational, alpha_natural)
-        maps, scores = [], []
-        with on_compute_device(quality_clip) as encoder, torch.inference_mode():
-            prompt_features = pq_map.encode_quality_prompts(encoder, prompts)
-            scale = temperature or encoder.logit_scale
-            for part in batch_chunks(images.shape[0], IMAGES_PER_FORWARD):
-                result = pq_map.perceptual_quality(encoder.encode_image(images[part]), prompt_features, scale, alpha)
-                maps.append(result.map.cpu())
-                scores.append(result.score.cpu())
-        perceptual_map = torch.cat(maps)
-        heatmap = visualize.heatmap_overlay(images, perceptual_map)
+        maps = compute_quality_maps(quality_clip, images, quality_prompts=quality_prompts,
+                                    alpha=(alpha_technical, alpha_rational, alpha_natural), temperature=temperature)
+        heatmap = visualize.heatmap_overlay(images, maps.perceptual_map)
         return io.NodeOutput(
-            perceptual_map, torch.cat(scores).tolist(), heatmap, ui=ui.PreviewImage(heatmap, cls=cls)
+            maps.perceptual_map, maps.perceptual_score.tolist(), heatmap, ui=ui.PreviewImage(heatmap, cls=cls)
         )
 
 
@@ -213,22 +255,11 @@ class AlignmentQualityMap(io.ComfyNode):
     @classmethod
     def execute(cls, quality_clip, image, prompt: str, noun_bound: float, phrase_bound: float,
                 emphasis: float) -> io.NodeOutput:
-        images = check_images(image)
-        maps, scores, emphasized, reports, warnings = [], [], [], [], []
-        with on_compute_device(quality_clip) as encoder, torch.inference_mode():
-            for part in batch_chunks(images.shape[0], IMAGES_PER_FORWARD):
-                count = part.stop - part.start
-                result = aq_map.alignment_quality(
-                    encoder, encoder.encode_image(images[part]), [prompt] * count, noun_bound, phrase_bound, emphasis
-                )
-                maps.append(result.map.cpu())
-                scores.append(result.score.cpu())
-                emphasized += result.emphasized_prompts
-                reports += result.reports
-                warnings += result.warnings
-        scores = torch.cat(scores)
-        report = aq_map.format_report(reports, scores, warnings)
-        return io.NodeOutput(torch.cat(maps), scores.tolist(), emphasized, report, ui={"text": [report]})
+        maps = compute_quality_maps(quality_clip, check_images(image), perceptual=False, prompt=prompt,
+                                    noun_bound=noun_bound, phrase_bound=phrase_bound, emphasis=emphasis)
+        report = aq_map.format_report(maps.reports, maps.alignment_score, maps.warnings)
+        return io.NodeOutput(maps.alignment_map, maps.alignment_score.tolist(), maps.emphasized_prompts, report,
+                             ui={"text": [report]})
 
 
 class RefineMask(io.ComfyNode):

@@ -18,14 +18,12 @@ import logging
 import torch
 from comfy_api.latest import io
 
-import comfy.model_management
 import comfy.samplers
 
-from ..core import aq_map, pq_map
 from ..core.masks import MaskSettings
 from ..core.refine_plan import ImagePlan, RefinerSettings, plan_refinement
-from .comfy_io import check_images, check_mask, match_batches, on_compute_device
-from .quality_maps import IMAGES_PER_FORWARD, QualityClip, QualityPrompts
+from .comfy_io import check_images, check_mask, match_batches
+from .quality_maps import QualityClip, QualityPrompts, compute_quality_maps
 from .sampling import (
     DEFAULT_PIXELS_PER_LATENT,
     StageProgress,
@@ -343,8 +341,10 @@ class GRefine(io.ComfyNode):
                                  f"('{name}')")
         conditioning_for = _conditioning(clip, negative_prompt, positive, negative)
 
-        perceptual, p, alignment, a, emphasized = _quality_maps(quality_clip, images, prompt, quality_prompts,
-                                                                emphasis)
+        maps = compute_quality_maps(quality_clip, images, quality_prompts=quality_prompts, prompt=prompt,
+                                    emphasis=emphasis, progress=False)  # the sampling stages own the progress bar
+        perceptual, p = maps.perceptual_map, maps.perceptual_score
+        alignment, a, emphasized = maps.alignment_map, maps.alignment_score, maps.emphasized_prompts
         plans = plan_refinement(perceptual, p, alignment, a, emphasized, settings)
         summary = plan_summary(plans, p, a)
 
@@ -386,28 +386,6 @@ def _conditioning(clip, negative_prompt: str, positive=None, negative=None):
                 fixed_negative if fixed_negative is not None else encode(negative_prompt))
 
     return conditioning_for
-
-
-def _quality_maps(quality_clip, images: torch.Tensor, prompt: str, quality_prompts, emphasis: float):
-    """PQ-Map and AQ-Map of a batch from one quality-model forward per chunk, at the map nodes' default knobs.
-    Returns P (B, H, W), p (B,), A (B, H, W), a (B,), B emphasized prompts."""
-    prompts = quality_prompts if quality_prompts is not None else pq_map.text_quality_prompts()
-    maps_p, scores_p, maps_a, scores_a, emphasized = [], [], [], [], []
-    with on_compute_device(quality_clip) as encoder, torch.inference_mode():
-        prompt_features = pq_map.encode_quality_prompts(encoder, prompts)
-        for start in range(0, images.shape[0], IMAGES_PER_FORWARD):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            part = images[start:start + IMAGES_PER_FORWARD]
-            features = encoder.encode_image(part)
-            perceptual = pq_map.perceptual_quality(features, prompt_features, encoder.logit_scale)
-            alignment = aq_map.alignment_quality(encoder, features, [prompt] * part.shape[0],
-                                                 emphasis_weight=emphasis)
-            maps_p.append(perceptual.map.cpu())
-            scores_p.append(perceptual.score.cpu())
-            maps_a.append(alignment.map.cpu())
-            scores_a.append(alignment.score.cpu())
-            emphasized += alignment.emphasized_prompts
-    return torch.cat(maps_p), torch.cat(scores_p), torch.cat(maps_a), torch.cat(scores_a), emphasized
 
 
 NODES = [RefinePlan, MaskedRedenoise, GlobalRedenoise, GRefine]
