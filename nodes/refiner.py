@@ -26,6 +26,7 @@ from .comfy_io import check_images, check_mask, match_batches
 from .quality_maps import QualityClip, QualityPrompts, compute_quality_maps
 from .sampling import (
     DEFAULT_PIXELS_PER_LATENT,
+    MASK_MODES,
     StageProgress,
     check_conditioning,
     check_latent,
@@ -55,8 +56,8 @@ def _plan_knobs() -> list:
         io.Int.Input("dilation", default=4, min=0, max=512,
                      tooltip="Grow the mask by this many pixels so fixes blend into their surroundings."),
         io.Float.Input("feather", default=4.0, min=0.0, max=256.0, step=0.5,
-                       tooltip="Gaussian sigma (pixels) of the feathered mask's soft edge (an output for blending; "
-                       "stage 1 samples on the binary mask)."),
+                       tooltip="Gaussian sigma (pixels) of the feathered mask's soft edge (an output for blending, "
+                       "and stage 1's mask when mask_mode is soft)."),
         io.Float.Input("strength_min", default=0.3, min=0.0, max=1.0, step=0.01,
                        tooltip="Stage-1 denoise of a perfect image (p = a = 1). Stage 1 strength = strength_max - "
                        "(strength_max - strength_min) * (p + a) / 2: lower quality, stronger."),
@@ -104,6 +105,15 @@ def _sampling_inputs() -> list:
         io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
                        tooltip="Classifier-free guidance scale. Higher = closer to the prompt."),
     ]
+
+
+def _mask_mode_input() -> io.Combo.Input:
+    return io.Combo.Input(
+        "mask_mode", options=list(MASK_MODES), default="binary", optional=True,
+        tooltip="binary: stage 1 re-denoises the binary mask at full strength and nothing else. soft: the feathered "
+        "mask with ComfyUI's Differential Diffusion, so the change fades out across the soft edge (cells with mask m "
+        "are re-denoised in the last m-fraction of the steps). Outside the (soft) mask the latent is kept bit for bit "
+        "either way.")
 
 
 def plan_summary(plans: list[ImagePlan], perceptual_scores, alignment_scores) -> str:
@@ -229,20 +239,21 @@ class MaskedRedenoise(io.ComfyNode):
                 io.Int.Input("pixels_per_latent", default=DEFAULT_PIXELS_PER_LATENT, min=1, max=64,
                              tooltip="The VAE's downscale factor (8 for SD1.5, SDXL, SD3, Flux): maps the plan's "
                              "pixel masks onto the latent grid."),
+                _mask_mode_input(),
             ],
             outputs=[io.Latent.Output("refined_latent")],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, latent: dict, plan: list, seed: int, sampler_name: str,
-                scheduler: str, cfg: float, pixels_per_latent: int) -> io.NodeOutput:
+                scheduler: str, cfg: float, pixels_per_latent: int, mask_mode: str = "binary") -> io.NodeOutput:
         samples = check_latent(latent, model)
         plans = check_plans(plan, samples.shape[0])
         conditioning = (check_conditioning(positive, "positive"), check_conditioning(negative, "negative"))
-        masks = stage_masks(plans, tuple(samples.shape[-2:]), pixels_per_latent)
+        masks = stage_masks(plans, tuple(samples.shape[-2:]), pixels_per_latent, mask_mode)
         progress = StageProgress(planned_steps(plans, 1, masks))
         refined = run_stage(model, lambda _prompt: conditioning, samples, plans, 1, seed, sampler_name, scheduler,
-                            cfg, progress, masks, latent.get("batch_index"))
+                            cfg, progress, masks, latent.get("batch_index"), soft_mask=mask_mode == "soft")
         return io.NodeOutput({**latent, "samples": refined})
 
 
@@ -306,6 +317,7 @@ class GRefine(io.ComfyNode):
                 io.Float.Input("emphasis", default=1.1, min=1.0, max=2.0, step=0.05,
                                tooltip="Weight of the phrases the AQ-Map found missing, (phrase:1.1)."),
                 *_plan_knobs(),
+                _mask_mode_input(),
                 QualityPrompts.Input("quality_prompts", optional=True,
                                      tooltip="Learned quality prompts; unconnected = the plain-text pairs."),
                 io.Conditioning.Input("positive", optional=True,
@@ -324,8 +336,8 @@ class GRefine(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, image, quality_clip, prompt: str, negative_prompt: str, seed: int,
-                sampler_name: str, scheduler: str, cfg: float, emphasis: float, quality_prompts=None, positive=None,
-                negative=None, stage1_model=None, **knobs) -> io.NodeOutput:
+                sampler_name: str, scheduler: str, cfg: float, emphasis: float, mask_mode: str = "binary",
+                quality_prompts=None, positive=None, negative=None, stage1_model=None, **knobs) -> io.NodeOutput:
         settings = _settings(**knobs)
         images = check_images(image)
         factor = vae.spacial_compression_encode()
@@ -348,14 +360,14 @@ class GRefine(io.ComfyNode):
         plans = plan_refinement(perceptual, p, alignment, a, emphasized, settings)
         summary = plan_summary(plans, p, a)
 
-        masks = stage_masks(plans, (images.shape[1] // factor, images.shape[2] // factor), factor)
+        masks = stage_masks(plans, (images.shape[1] // factor, images.shape[2] // factor), factor, mask_mode)
         sampled = sampled_images(plans, masks)
         refined = images.clone()  # images nothing is sampled for keep their exact input pixels
         if sampled:
             progress = StageProgress(planned_steps(plans, 1, masks) + planned_steps(plans, 2))
             samples = vae.encode(images)  # (B, H, W, 3) -> (B, C, H/8, W/8)
             stage1 = run_stage(stage1_model, conditioning_for, samples, plans, 1, seed, sampler_name, scheduler, cfg,
-                               progress, masks)
+                               progress, masks, soft_mask=mask_mode == "soft")
             stage2 = run_stage(model, conditioning_for, stage1, plans, 2, (seed + 1) % (SEED_MAX + 1), sampler_name,
                                scheduler, cfg, progress)
             decoded = vae.decode(stage2[sampled])  # (k, C, h, w) -> (k, H, W, 3)

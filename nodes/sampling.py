@@ -9,6 +9,11 @@ How a stage samples (g-refine.txt eq. 10, METHODS.md 1.4):
 - Stage 1 passes the plan's binary mask, reduced to latent cells, as ComfyUI's ``noise_mask`` (what SetLatentNoiseMask
   does; inpainting checkpoints read it too), then keeps the input latent bit for bit wherever that latent mask is 0
   (ComfyUI's own result there is the input only up to float error of its Euler steps and latent scaling).
+- Soft mode (``mask_mode = "soft"``): the plan's feathered mask instead, reduced to latent cells by its maximum (1 on
+  every cell the binary mask touches, graded around it, values under ``SOFT_MASK_FLOOR`` set to 0), on the model
+  patched by ComfyUI's own Differential Diffusion (``comfy_extras.nodes_differential_diffusion``): a cell with mask
+  m is re-denoised only during the last m-fraction of the steps, so the change fades out across the feathered edge
+  instead of stopping at the binary one. The latent is again kept bit for bit where the latent mask is 0.
 - Noise is ``comfy.sample.prepare_noise(whole latent, seed, batch_index)`` sliced per image, so image i gets the
   same noise as in a plain KSampler run over the batch. Images with the same (strength, steps, prompt) are sampled
   together as one batch; each keeps its own mask.
@@ -35,6 +40,8 @@ from ..core.refine_plan import ImagePlan
 logger = logging.getLogger(__name__)
 
 DEFAULT_PIXELS_PER_LATENT = 8  # SD1.x, SD2, SDXL, SD3, Flux VAEs
+MASK_MODES = ("binary", "soft")
+SOFT_MASK_FLOOR = 1.0 / 255.0  # feathered values below one 8-bit grey level count as "keep" (the Gaussian never reaches 0)
 ConditioningFor = Callable[[str], tuple[list, list]]  # prompt -> (positive, negative)
 
 
@@ -94,10 +101,19 @@ def check_conditioning(conditioning, name: str) -> list:
     return conditioning
 
 
-def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int], pixels_per_latent: int) -> torch.Tensor:
-    """A pixel mask (H, W), 1 = change, reduced to the latent grid: (h, w) float 0/1, 1 where any pixel of the
-    cell is masked (> 0.5), so the latent mask covers every masked pixel. The pixels are centre-cropped to a
-    multiple of ``pixels_per_latent`` first, as ComfyUI's VAE encode crops them."""
+def check_mask_mode(mask_mode: str) -> str:
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}.")
+    return mask_mode
+
+
+def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int], pixels_per_latent: int,
+                soft: bool = False) -> torch.Tensor:
+    """A pixel mask (H, W) in [0, 1], 1 = change, reduced to the latent grid (h, w).
+
+    Binary (default): float 0/1, 1 where any pixel of the cell is masked (> 0.5), so the latent mask covers every
+    masked pixel. Soft: the largest value in the cell, in [0, 1], with values below ``SOFT_MASK_FLOOR`` set to 0.
+    The pixels are centre-cropped to a multiple of ``pixels_per_latent`` first, as ComfyUI's VAE encode crops them."""
     height, width = mask.shape[-2:]
     h, w = latent_size
     f = pixels_per_latent
@@ -109,15 +125,22 @@ def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int], pixels_per_lat
         )
     top, left = (height % f) // 2, (width % f) // 2
     cropped = mask[top:top + h * f, left:left + w * f].float()
+    values = cropped.clamp(0, 1) if soft else (cropped > 0.5).float()
     # (h*f, w*f) -> (1, 1, h*f, w*f) -> max over each f x f cell -> (h, w)
-    cells = F.max_pool2d((cropped > 0.5).float()[None, None], kernel_size=f)[0, 0]
+    cells = F.max_pool2d(values[None, None], kernel_size=f)[0, 0]
+    if soft:
+        cells = torch.where(cells >= SOFT_MASK_FLOOR, cells, torch.zeros_like(cells))
     return cells
 
 
-def stage_masks(plans: list[ImagePlan], latent_size: tuple[int, int], pixels_per_latent: int) -> torch.Tensor:
-    """(B, 1, h, w) latent-grid stage-1 masks of every plan (all-zero for images that skip stage 1)."""
+def stage_masks(plans: list[ImagePlan], latent_size: tuple[int, int], pixels_per_latent: int,
+                mask_mode: str = "binary") -> torch.Tensor:
+    """(B, 1, h, w) latent-grid stage-1 masks of every plan in [0, 1] (all-zero for images that skip stage 1):
+    from the binary masks, or from the feathered ones in soft mode."""
+    soft = check_mask_mode(mask_mode) == "soft"
     masks = [
-        torch.zeros(latent_size) if plan.skip_stage1 else latent_mask(plan.binary_mask, latent_size, pixels_per_latent)
+        torch.zeros(latent_size) if plan.skip_stage1 else
+        latent_mask(plan.feathered_mask if soft else plan.binary_mask, latent_size, pixels_per_latent, soft)
         for plan in plans
     ]
     return torch.stack(masks)[:, None]  # (B, h, w) -> (B, 1, h, w)
@@ -179,6 +202,18 @@ def planned_steps(plans: list[ImagePlan], stage: int, masks: torch.Tensor | None
     return sum(key[1] for key, _ in stage_jobs(plans, stage, masks))
 
 
+def with_differential_diffusion(model):
+    """A clone of ``model`` patched with ComfyUI's Differential Diffusion denoise-mask function (strength 1), as the
+    DifferentialDiffusion node makes it; ``model`` itself is not changed."""
+    from comfy_extras.nodes_differential_diffusion import DifferentialDiffusion
+
+    patched = model.clone()
+    patched.set_model_denoise_mask_function(
+        lambda *args, **kwargs: DifferentialDiffusion.forward(*args, **kwargs, strength=1.0)
+    )
+    return patched
+
+
 def run_stage(
     model,
     conditioning_for: ConditioningFor,
@@ -192,11 +227,15 @@ def run_stage(
     progress: StageProgress,
     masks: torch.Tensor | None = None,
     batch_index=None,
+    soft_mask: bool = False,
 ) -> torch.Tensor:
     """Re-denoise ``samples`` (B, C, h, w) by the plans' stage ``stage`` (1: masked, 2: global); returns a new
-    (B, C, h, w) tensor, unsampled images unchanged. masks: (B, 1, h, w) latent-grid masks (stage 1 only)."""
+    (B, C, h, w) tensor, unsampled images unchanged. masks: (B, 1, h, w) latent-grid masks in [0, 1] (stage 1
+    only); soft_mask: they are soft (``stage_masks`` in soft mode) and stage 1 samples with Differential Diffusion."""
     if stage == 1 and masks is None:
         raise ValueError("stage 1 needs the latent masks (stage_masks)")
+    if stage == 1 and soft_mask:
+        model = with_differential_diffusion(model)
     noise = comfy.sample.prepare_noise(samples, seed, batch_index)  # (B, C, h, w), image i as in a KSampler batch
     result = samples.clone()
     for (strength, steps, prompt), indices in stage_jobs(plans, stage, masks):

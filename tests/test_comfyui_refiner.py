@@ -168,12 +168,13 @@ def loaded(comfy_harness, sd15_models, pictures):
     return model, clip, vae, images
 
 
-def hand_plan(mask: torch.Tensor, strength: float = 0.6, skip_stage1=False, skip_stage2=False, steps=(1, 1)):
+def hand_plan(mask: torch.Tensor, strength: float = 0.6, skip_stage1=False, skip_stage2=False, steps=(1, 1),
+              feathered: torch.Tensor | None = None):
     from comfyui_refinery.core.refine_plan import ImagePlan
 
     return ImagePlan(skip_stage1=skip_stage1, skip_stage2=skip_stage2, stage1_strength=strength,
                      stage2_strength=0.2, stage1_steps=steps[0], stage2_steps=steps[1], binary_mask=mask,
-                     feathered_mask=mask, prompt=PROMPT, reason="hand-made")
+                     feathered_mask=mask if feathered is None else feathered, prompt=PROMPT, reason="hand-made")
 
 
 # -- schemas ---------------------------------------------------------------------------------------------------------
@@ -197,7 +198,7 @@ def test_refiner_nodes_load_with_their_schemas(comfy_harness):
     assert plan.INPUT_IS_LIST is True
     assert plan.INPUT_TYPES()["required"]["total_steps"][1]["min"] == 1
     optional = nodes.NODE_CLASS_MAPPINGS["RefineryGRefine"].INPUT_TYPES()["optional"]
-    assert set(optional) == {"quality_prompts", "positive", "negative", "stage1_model"}
+    assert set(optional) == {"mask_mode", "quality_prompts", "positive", "negative", "stage1_model"}
 
 
 # -- real graphs ---------------------------------------------------------------------------------------------------
@@ -330,6 +331,37 @@ def test_masked_stage_keeps_the_latent_outside_each_mask_bit_identical(comfy_har
     assert torch.equal(final[1], after[1])
     for index in (0, 2):
         assert not torch.isclose(final[index], after[index]).all(dim=0).any()
+
+
+def test_soft_mask_mode_fades_across_the_feathered_edge_and_keeps_the_rest(comfy_harness, loaded):
+    """Binary mask: pixel columns 0-15 (latent columns 0-1); feathered with sigma 8 px, the latent columns' largest
+    values are 1, 1, 0.99, 0.53, 0.10, 0.0076 (>= 1/255), 0.0002 (-> 0), 0. Differential Diffusion (4 steps) changes
+    columns 0-5 only, the faint column 5 less than the core; binary mode changes columns 0-1 only."""
+    from comfyui_refinery.core.masks import feather
+
+    model, clip, vae, images = loaded
+    binary = torch.zeros(SIZE, SIZE)
+    binary[:, :16] = 1.0
+    soft = feather(binary[None], 8.0)[0]
+    plans = [hand_plan(binary, 0.8, steps=(4, 1), feathered=soft)]
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize(PROMPT))
+    masked = comfy_harness.node_class("RefineryMaskedRedenoise")
+    with torch.inference_mode():
+        before = vae.encode(images[:1])
+        run = {mode: masked.execute(model=model, positive=positive, negative=positive, latent={"samples": before},
+                                    plan=plans, seed=2, pixels_per_latent=8, mask_mode=mode,
+                                    **SAMPLING).result[0]["samples"]
+               for mode in ("binary", "soft")}
+
+    assert torch.equal(run["binary"][..., 2:], before[..., 2:])
+    assert torch.equal(run["soft"][..., 6:], before[..., 6:]), "outside the soft latent mask: bit for bit"
+    change = (run["soft"] - before).abs().mean(dim=(0, 1, 2))  # (8,) per latent column
+    assert (change[:6] > 0).all(), change
+    assert change[5] < change[0] / 2, f"the faint edge column changes less than the core: {change}"
+    assert not torch.equal(run["soft"], run["binary"])
+    with pytest.raises(ValueError, match="mask_mode must be one of"):
+        masked.execute(model=model, positive=positive, negative=positive, latent={"samples": before}, plan=plans,
+                       seed=2, pixels_per_latent=8, mask_mode="fuzzy", **SAMPLING)
 
 
 # -- documented edge cases -------------------------------------------------------------------------------------------
