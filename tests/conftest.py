@@ -119,3 +119,29 @@ def sd15_models(comfy_harness) -> dict[str, str]:
     for folder_key, sub in (("diffusion_models", "unet"), ("text_encoders", "text_encoders"), ("vae", "vae")):
         folder_paths.add_model_folder_path(folder_key, str(comfy_harness.models_dir / sub), is_default=True)
     return names
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint(comfy_harness, sd15_models) -> Path:
+    """The random SD1.5 as one single-file checkpoint (what CheckpointLoaderSimple loads), written by ComfyUI's
+    own CheckpointSave and cached beside the three files (``sd15_checkpoint.build_sd15_checkpoint``)."""
+    from sd15_checkpoint import build_sd15_checkpoint
+
+    return build_sd15_checkpoint(comfy_harness, sd15_models)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfyui_dir, sd15_checkpoint, comfy_harness, tmp_path_factory):
+    """A real ComfyUI server (``main.py --cpu`` on 127.0.0.1, a free port) with the pack in its custom_nodes and
+    models/checkpoints/sd15-random.safetensors, models/quality_clip/tiny-vit.*, input/picture.png; stopped at the
+    end of the session. Its log is in ``<base>/server.log`` (shown when it fails to start)."""
+    from comfyui_server import ComfyServer, link_file
+
+    server = ComfyServer(comfyui_dir, tmp_path_factory.mktemp("comfyui-server"), PACK_ROOT)
+    link_file(sd15_checkpoint, server.models_dir / "checkpoints")
+    for path in sorted((comfy_harness.models_dir / "quality_clip").glob("tiny-vit.*")):
+        link_file(path, server.models_dir / "quality_clip")
+    _write_input_images(server.input_dir)
+    server.start()
+    yield server
+    server.stop()

@@ -123,6 +123,48 @@ def build_sd15(root: Path | None = None) -> Path:
     return final
 
 
+CHECKPOINT_FILE = "sd15-random.safetensors"  # the single-file checkpoint, for CheckpointLoaderSimple
+
+
+def build_sd15_checkpoint(harness, names: dict[str, str], root: Path | None = None) -> Path:
+    """The three files as ONE single-file SD1.5 checkpoint (the layout of ``models/checkpoints/``, what users load
+    with CheckpointLoaderSimple), built once into the cache as ``<VERSION>/checkpoints/sd15-random.safetensors``.
+
+    ComfyUI writes it: its own ``CheckpointSave`` node, run in the in-process ``harness`` on UNETLoader, CLIPLoader
+    and VAELoader outputs (``names`` from :func:`install_sd15`), so the keys are exactly the ones its loader
+    expects. The fp32 file it saves is stored as fp16 (2.1 GB instead of 4.3 GB), atomically."""
+    from safetensors.torch import load_file, save_file
+
+    final = (root or cache_root()) / VERSION / "checkpoints" / CHECKPOINT_FILE
+    if final.is_file():
+        return final
+    started = time.monotonic()
+    prefix = f"refinery_test_checkpoint_{os.getpid()}"
+    graph = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": names["unet"], "weight_dtype": "default"}},
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": names["text_encoders"], "type": "stable_diffusion"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": names["vae"]}},
+        "4": {"class_type": "CheckpointSave", "inputs": {"model": ["1", 0], "clip": ["2", 0], "vae": ["3", 0],
+                                                        "filename_prefix": f"checkpoints/{prefix}"}},
+    }
+    result = harness.run_graph(graph)
+    if not result.success:
+        raise RuntimeError(f"CheckpointSave failed: {result.error_text()}")
+    saved = sorted((harness.output_dir / "checkpoints").glob(f"{prefix}*.safetensors"))
+    if len(saved) != 1:
+        raise RuntimeError(f"expected one saved checkpoint, found {saved}")
+    state = load_file(str(saved[0]))
+    state = {key: value.half() if value.is_floating_point() else value for key, value in state.items()}
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.with_name(final.name + f".{os.getpid()}.tmp")
+    save_file(state, str(temporary))
+    del state
+    os.replace(temporary, final)
+    saved[0].unlink()
+    logger.warning("built the single-file SD1.5 test checkpoint %s in %.0f s", final, time.monotonic() - started)
+    return final
+
+
 def install_sd15(models_dir: Path, root: Path | None = None) -> dict[str, str]:
     """Build (once) and link the files into ``models_dir/{unet,text_encoders,vae}/``. Returns folder -> file name,
     the names the loader nodes take."""
