@@ -13,12 +13,14 @@ import folder_paths
 
 QUALITY_CLIP_FOLDER = "quality_clip"
 QUALITY_PROMPTS_FOLDER = "quality_prompts"
+REWARD_MODELS_FOLDER = "reward_models"
 WEIGHT_EXTENSIONS = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def register_model_folders() -> None:
-    """Register ``models/quality_clip/`` and ``models/quality_prompts/`` with ComfyUI (idempotent)."""
-    for name in (QUALITY_CLIP_FOLDER, QUALITY_PROMPTS_FOLDER):
+    """Register ``models/quality_clip/``, ``models/quality_prompts/`` and ``models/reward_models/`` with ComfyUI
+    (idempotent)."""
+    for name in (QUALITY_CLIP_FOLDER, QUALITY_PROMPTS_FOLDER, REWARD_MODELS_FOLDER):
         folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name), is_default=True)
 
 

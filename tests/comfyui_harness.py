@@ -27,6 +27,10 @@ REFINERY_NODE_IDS = (
     "RefineryMaskedRedenoise",
     "RefineryGlobalRedenoise",
     "RefineryGRefine",
+    "RefineryRewardModelLoader",
+    "RefineryScoreImages",
+    "RefineryRankImages",
+    "RefineryRewardWinRate",
 )
 PACK_LINK_NAME = "ComfyUI-Refinery"
 
@@ -128,7 +132,8 @@ class ComfyHarness:
         self.output_dir = self.base_dir / "output"
         self.temp_dir = self.base_dir / "temp"
         self.custom_nodes_dir = self.base_dir / "custom_nodes"
-        for folder in (self.models_dir / "quality_clip", self.models_dir / "quality_prompts", self.input_dir,
+        for folder in (self.models_dir / "quality_clip", self.models_dir / "quality_prompts",
+                       self.models_dir / "reward_models", self.input_dir,
                        self.output_dir, self.temp_dir, self.custom_nodes_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.server = RecordingServer()
@@ -165,7 +170,7 @@ class ComfyHarness:
         folder_paths.set_output_directory(str(self.output_dir))
         folder_paths.set_input_directory(str(self.input_dir))
         folder_paths.set_temp_directory(str(self.temp_dir))
-        for name in ("quality_clip", "quality_prompts"):
+        for name in ("quality_clip", "quality_prompts", "reward_models"):
             folder_paths.add_model_folder_path(name, str(self.models_dir / name), is_default=True)
         self._link_pack(folder_paths)
 
