@@ -9,6 +9,17 @@ pipeline ``from_pipe`` maps; the components are shared, so no second copy of the
 
 Step counts: diffusers runs ``int(num_inference_steps * strength)`` steps of an img2img call, so a stage planned
 with ``n`` steps at strength ``s`` is called with ``num_inference_steps = ceil(n / s)``.
+
+Masks: diffusers shrinks the pixel mask to the latent grid by sampling (one pixel per cell), so thin strokes of a
+mask would never be re-denoised. Stage 1 therefore gets :func:`latent_cover_mask`: every latent cell that holds any
+masked pixel is masked (as the ComfyUI nodes do), expanded back to pixels.
+
+Prompts: the plan's prompt may carry ComfyUI's emphasis syntax ``(phrase:1.1)`` (the AQ-Map's emphasized prompt),
+which diffusers would read as literal text; the runner passes the plain text (``strip_emphasis``), in which the
+emphasized phrases stay, repeated after the prompt.
+
+Seeds: picture i uses ``seed + i`` in stage 1 and ``seed + i + 1`` in stage 2 (fresh noise, as the ComfyUI node's
+``seed + 1``).
 """
 
 from __future__ import annotations
@@ -17,7 +28,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from .prompt_parsing import strip_emphasis
 from .refine_plan import ImagePlan
 
 
@@ -34,6 +47,17 @@ def scheduler_steps(planned_steps: int, strength: float) -> int:
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}.")
     return max(planned_steps, math.ceil(planned_steps / strength - 1e-9))
+
+
+def latent_cover_mask(mask: torch.Tensor, pixels_per_latent: int) -> torch.Tensor:
+    """(H, W) pixel mask (1 = change) -> (H, W) float 0/1 in which each ``pixels_per_latent`` square cell is all 1
+    when any of its pixels is masked (> 0.5), else all 0. Sides not divisible by the factor keep their last partial
+    cell's pixels as they are covered by the cell grid (ceil)."""
+    height, width = mask.shape[-2:]
+    f = int(pixels_per_latent)
+    binary = (mask > 0.5).float()[None, None]  # (1, 1, H, W)
+    cells = F.max_pool2d(binary, kernel_size=f, stride=f, ceil_mode=True)  # (1, 1, ceil(H/f), ceil(W/f))
+    return F.interpolate(cells, scale_factor=f, mode="nearest")[0, 0, :height, :width]
 
 
 def _stage_pipelines(pipeline, stage1_pipeline=None, stage2_pipeline=None):
@@ -60,8 +84,8 @@ def refine_with_pipeline(
     """Refine each picture by its plan (eq. 10: stage 1 on the mask, then stage 2 on the whole picture).
 
     pipeline: a diffusers text-to-image (or img2img/inpaint) pipeline; images: (B, H, W, 3) float in [0, 1], H and W
-    multiples of the VAE factor; plans: B plans; seed: picture i uses ``torch.Generator().manual_seed(seed + i)``
-    in both stages. stage1_pipeline/stage2_pipeline: override the stages (e.g. an inpainting checkpoint for stage 1).
+    multiples of the VAE factor; plans: B plans; seed: picture i uses ``torch.Generator().manual_seed(seed + i)`` in
+    stage 1 and ``seed + i + 1`` in stage 2. stage1_pipeline/stage2_pipeline: override the stages (e.g. an inpainting checkpoint for stage 1).
     A picture whose plan skips stage 2 is returned bit-identical.
     """
     from tqdm.auto import tqdm
@@ -77,6 +101,7 @@ def refine_with_pipeline(
                 f"{tuple(images.shape[1:3])}: compute the maps on the pictures being refined."
             )
     inpaint, img2img = _stage_pipelines(pipeline, stage1_pipeline, stage2_pipeline)
+    pixels_per_latent = int(getattr(inpaint, "vae_scale_factor", 8))
     after_stage1, refined = images.clone(), images.clone()
     for index in tqdm(range(images.shape[0]), desc="G-Refine", disable=not progress):
         plan = plans[index]
@@ -84,10 +109,11 @@ def refine_with_pipeline(
             continue
         original = images[index : index + 1].permute(0, 3, 1, 2).float()  # (1, 3, H, W)
         current = original
+        prompt = strip_emphasis(plan.prompt)[0]
         if not plan.skip_stage1:
-            mask = plan.binary_mask[None, None].float()  # (1, 1, H, W), 1 = re-denoise
+            mask = latent_cover_mask(plan.binary_mask, pixels_per_latent)[None, None]  # (1, 1, H, W), 1 = re-denoise
             repainted = inpaint(
-                prompt=plan.prompt,
+                prompt=prompt,
                 negative_prompt=negative_prompt,
                 image=original,
                 mask_image=mask,
@@ -104,13 +130,13 @@ def refine_with_pipeline(
         after_stage1[index] = current[0].permute(1, 2, 0)
         if plan.stage2_steps > 0 and plan.stage2_strength > 0:
             current = img2img(
-                prompt=plan.prompt,
+                prompt=prompt,
                 negative_prompt=negative_prompt,
                 image=current,
                 strength=plan.stage2_strength,
                 num_inference_steps=scheduler_steps(plan.stage2_steps, plan.stage2_strength),
                 guidance_scale=guidance_scale,
-                generator=torch.Generator().manual_seed(seed + index),
+                generator=torch.Generator().manual_seed(seed + index + 1),
                 output_type="pt",
             ).images.float().cpu()
         refined[index] = current[0].permute(1, 2, 0).clamp(0, 1)

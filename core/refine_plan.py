@@ -20,6 +20,11 @@ import torch
 from .masks import MaskSettings, refine_mask
 
 
+DEFAULT_MASK = MaskSettings(threshold=0.5, min_area=64, dilation=4, feather_sigma=4.0)
+"""The refiner's mask post-processing by default (the nodes' widget defaults too): speckles under 64 px dropped,
+grown by 4 px, feathered with sigma 4 px (METHODS.md 1.4: cleaned, dilated, feathered)."""
+
+
 @dataclass(frozen=True)
 class RefinerSettings:
     """Policy knobs of the refiner, validated on creation.
@@ -38,7 +43,7 @@ class RefinerSettings:
     perceptual_gate: float = 0.9
     alignment_gate: float = 0.3
     skip_stage2_when_gated: bool = True
-    mask: MaskSettings = MaskSettings()
+    mask: MaskSettings = DEFAULT_MASK
 
     def __post_init__(self) -> None:
         for name in ("strength_min", "strength_max", "global_strength", "stage1_share"):

@@ -21,7 +21,7 @@ from comfy_api.latest import io
 import comfy.samplers
 
 from ..core.masks import MaskSettings
-from ..core.refine_plan import ImagePlan, RefinerSettings, plan_refinement
+from ..core.refine_plan import DEFAULT_MASK, ImagePlan, RefinerSettings, plan_refinement
 from .comfy_io import check_images, check_mask, match_batches
 from .quality_maps import QualityClip, QualityPrompts, compute_quality_maps
 from .sampling import (
@@ -49,13 +49,13 @@ SEED_MAX = 0xFFFFFFFFFFFFFFFF
 def _plan_knobs() -> list:
     """Mask and plan knobs shared by Refine Plan and G-Refine (names are RefinerSettings/MaskSettings fields)."""
     return [
-        io.Float.Input("threshold", default=0.5, min=0.0, max=1.0, step=0.01,
+        io.Float.Input("threshold", default=DEFAULT_MASK.threshold, min=0.0, max=1.0, step=0.01,
                        tooltip="Pixels where 1-P+A is above it are re-denoised in stage 1. Lower = larger mask."),
-        io.Int.Input("min_area", default=64, min=0, max=1 << 24,
+        io.Int.Input("min_area", default=DEFAULT_MASK.min_area, min=0, max=1 << 24,
                      tooltip="Mask regions smaller than this many pixels are dropped (speckle removal)."),
-        io.Int.Input("dilation", default=4, min=0, max=512,
+        io.Int.Input("dilation", default=DEFAULT_MASK.dilation, min=0, max=512,
                      tooltip="Grow the mask by this many pixels so fixes blend into their surroundings."),
-        io.Float.Input("feather", default=4.0, min=0.0, max=256.0, step=0.5,
+        io.Float.Input("feather", default=DEFAULT_MASK.feather_sigma, min=0.0, max=256.0, step=0.5,
                        tooltip="Gaussian sigma (pixels) of the feathered mask's soft edge (an output for blending, "
                        "and stage 1's mask when mask_mode is soft)."),
         io.Float.Input("strength_min", default=0.3, min=0.0, max=1.0, step=0.01,

@@ -10,6 +10,7 @@ pytest.importorskip("diffusers")
 
 from comfyui_refinery.benchmarks.toyworld.sd_pipeline import build_pipeline  # noqa: E402
 from comfyui_refinery.core.diffusers_refiner import refine_with_pipeline, scheduler_steps  # noqa: E402
+from comfyui_refinery.core.masks import MaskSettings  # noqa: E402
 from comfyui_refinery.core.refine_plan import RefinerSettings, plan_refinement  # noqa: E402
 
 
@@ -27,7 +28,7 @@ def test_scheduler_steps_by_hand():
         scheduler_steps(10, 0.0)
 
 
-def make_plans(images, perceptual_scores, settings=RefinerSettings(total_steps=4)):
+def make_plans(images, perceptual_scores, settings=RefinerSettings(total_steps=4, mask=MaskSettings())):
     perceptual = torch.ones(images.shape[:3])
     perceptual[:, :, :32] = 0.0  # the left half is poor
     return plan_refinement(perceptual, perceptual_scores, torch.zeros(images.shape[:3]),
@@ -38,7 +39,7 @@ def make_plans(images, perceptual_scores, settings=RefinerSettings(total_steps=4
 def test_stage1_keeps_pixels_outside_the_mask_and_gated_pictures_are_untouched(pipeline):
     torch.manual_seed(0)
     images = torch.rand(2, 64, 64, 3)
-    plans = make_plans(images, torch.tensor([0.3, 0.95]), RefinerSettings(total_steps=4, alignment_gate=0.05))
+    plans = make_plans(images, torch.tensor([0.3, 0.95]), RefinerSettings(total_steps=4, alignment_gate=0.05, mask=MaskSettings()))
     assert not plans[0].skip_stage1 and plans[1].skip_stage2
     result = refine_with_pipeline(pipeline, images, plans, guidance_scale=2.0, progress=False)
     assert torch.equal(result.after_stage1[0, :, 32:], images[0, :, 32:])  # outside the mask: the input's pixels

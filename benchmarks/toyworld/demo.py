@@ -1,9 +1,11 @@
 """``refinery-demo``: the project's main job on the models it ships, offline, in well under a minute on a CPU.
 
 Generates toy scenes with the tiny Stable-Diffusion pipeline, adds toy-world pictures with injected defects
-(whose ground truth is known), computes the PQ-Map P and the AQ-Map A with toy-clip and its learned prompts, and
-writes a picture grid (image | P over the picture | A over the picture | mask Bi(1-P+A) | ground truth) and a
-short markdown report into an output folder, which it prints.
+(whose ground truth is known), computes the PQ-Map P and the AQ-Map A with toy-clip and its learned prompts, runs
+the G-Refine two-stage refiner (core/refine_plan.py + core/diffusers_refiner.py) with the tiny pipeline on every
+picture and scores the refined pictures again, and writes a picture grid (image | P over the picture | A over the
+picture | mask Bi(1-P+A) | refined | ground truth) and a short markdown report (p and a before and after) into an
+output folder, which it prints. ``--no-refine`` skips the refiner.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import torch
 from PIL import Image, ImageDraw
 
 from ...core import aq_map, masks, pq_map, visualize
-from ...core.clip_surgery import load_quality_clip
+from ...core.clip_surgery import SurgeryCLIP, load_quality_clip
+from ...core.refine_plan import ImagePlan, RefinerSettings, plan_refinement
 from . import data, defects, scenes
 from .train_prompts import load_alpha
 
 CELL = 160  # pixels per grid cell (64 px pictures are shown enlarged)
-COLUMNS = ("picture", "P (red = good)", "A (red = fix)", "mask Bi(1-P+A)", "ground truth")
+GUIDANCE = 4.0  # classifier-free guidance of the tiny pipeline, generating and refining
+COLUMNS = ("picture", "P (red = good)", "A (red = fix)", "mask Bi(1-P+A)", "refined (both stages)", "ground truth")
+REFINED_COLUMN = COLUMNS.index("refined (both stages)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,16 +40,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps of the tiny pipeline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threshold", type=float, default=0.5, help="mask threshold on 1 - P + A")
+    parser.add_argument("--refine-steps", type=int, default=10,
+                        help="refiner steps of both stages together (n1 + n2; the paper uses 20)")
+    parser.add_argument("--no-refine", action="store_true", help="only the quality maps, no refiner")
     args = parser.parse_args(argv)
     if args.generated < 0 or args.defective < 0 or args.generated + args.defective == 0:
         parser.error("--generated and --defective must be >= 0 and not both 0")
-    if args.steps < 1:
-        parser.error("--steps must be >= 1")
+    if args.steps < 1 or args.refine_steps < 1:
+        parser.error("--steps and --refine-steps must be >= 1")
+    if not 0 <= args.threshold <= 1:
+        parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
     return args
 
 
-def generate_pictures(captions: list[str], steps: int, seed: int) -> torch.Tensor:
-    """Tiny-SD pictures for ``captions``: (N, 64, 64, 3) float in [0, 1]."""
+def load_tiny_pipeline():
+    """The shipped tiny Stable-Diffusion pipeline, progress bars off (SystemExit naming the extra if diffusers is
+    missing)."""
     try:
         from .sd_pipeline import load_pipeline
     except ImportError as error:
@@ -52,10 +63,37 @@ def generate_pictures(captions: list[str], steps: int, seed: int) -> torch.Tenso
 
     pipeline = load_pipeline()
     pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def generate_pictures(pipeline, captions: list[str], steps: int, seed: int) -> torch.Tensor:
+    """Tiny-SD pictures for ``captions``: (N, 64, 64, 3) float in [0, 1]."""
     generator = torch.Generator().manual_seed(seed)
-    output = pipeline(captions, num_inference_steps=steps, guidance_scale=4.0, generator=generator,
+    output = pipeline(captions, num_inference_steps=steps, guidance_scale=GUIDANCE, generator=generator,
                       height=64, width=64, output_type="np")
     return torch.from_numpy(np.asarray(output.images)).float()
+
+
+def quality_maps(encoder: SurgeryCLIP, prompt_features: torch.Tensor, alpha, images: torch.Tensor,
+                 captions: list[str]) -> tuple[pq_map.PerceptualQuality, aq_map.AlignmentQuality]:
+    """PQ-Map (P (N, H, W) in [0, 1], p (N,)) and AQ-Map (A (N, H, W) in [0, 1], a (N,)) of (N, H, W, 3) pictures in
+    [0, 1] against their N captions, from one toy-clip forward."""
+    with torch.inference_mode():
+        features = encoder.encode_image(images)
+        perceptual = pq_map.perceptual_quality(features, prompt_features, encoder.logit_scale, alpha)
+        alignment = aq_map.alignment_quality(encoder, features, captions)
+    return perceptual, alignment
+
+
+def refine(pipeline, images: torch.Tensor, perceptual: pq_map.PerceptualQuality, alignment: aq_map.AlignmentQuality,
+           captions: list[str], settings: RefinerSettings, seed: int) -> tuple[torch.Tensor, list[ImagePlan]]:
+    """G-Refine's two stages on (N, H, W, 3) pictures in [0, 1]: returns the refined (N, H, W, 3) pictures in [0, 1]
+    and the plans. Prompted with the plain captions."""
+    from ...core.diffusers_refiner import refine_with_pipeline
+
+    plans = plan_refinement(perceptual.map, perceptual.score, alignment.map, alignment.score, captions, settings)
+    result = refine_with_pipeline(pipeline, images, plans, guidance_scale=GUIDANCE, seed=seed, progress=False)
+    return result.images, plans
 
 
 def defective_pictures(count: int, seed: int) -> tuple[torch.Tensor, list[str], list[np.ndarray], list[str]]:
@@ -82,11 +120,14 @@ def enlarge(picture: torch.Tensor) -> Image.Image:
     return Image.fromarray(array).resize((CELL, CELL), Image.NEAREST)
 
 
-def write_grid(rows: list[list[Image.Image | None]], labels: list[str], path: Path) -> None:
+def write_grid(rows: list[list[Image.Image | None]], labels: list[str], path: Path,
+               columns: tuple[str, ...] = COLUMNS) -> None:
+    """Write a PNG of ``rows`` of CELL x CELL cells (None = blank) under the ``columns`` titles, each row with its
+    label, atomically (a temporary file renamed onto ``path``)."""
     header, label_height = 18, 14
-    grid = Image.new("RGB", (CELL * len(COLUMNS), header + len(rows) * (CELL + label_height)), "white")
+    grid = Image.new("RGB", (CELL * len(columns), header + len(rows) * (CELL + label_height)), "white")
     draw = ImageDraw.Draw(grid)
-    for column, title in enumerate(COLUMNS):
+    for column, title in enumerate(columns):
         draw.text((column * CELL + 4, 3), title, fill="black")
     for row, (cells, label) in enumerate(zip(rows, labels)):
         top = header + row * (CELL + label_height)
@@ -99,16 +140,24 @@ def write_grid(rows: list[list[Image.Image | None]], labels: list[str], path: Pa
     temporary.replace(path)
 
 
-def main(argv=None) -> Path:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    start = time.time()
-    torch.manual_seed(args.seed)
-    generated_captions = [scenes.caption(scenes.sample_scene(np.random.default_rng(data.TEST_SEED_OFFSET + 9 * 10**6 + i)))
-                          for i in range(args.generated)]
+def write_text_atomically(text: str, path: Path) -> None:
+    """Write ``text`` (UTF-8) to a temporary file beside ``path``, then rename it onto ``path``."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    temporary.replace(path)
+
+
+def collect_pictures(args: argparse.Namespace, pipeline) -> tuple[torch.Tensor, list[str], list, list[str]]:
+    """The demo's pictures: ``args.generated`` tiny-SD pictures, then ``args.defective`` toy-world pictures with an
+    injected defect. Returns (images (N, 64, 64, 3) in [0, 1], captions, ground-truth masks (None for generated
+    pictures), notes on where each picture came from)."""
     pictures, captions, truths, notes = [], [], [], []
     if args.generated:
-        pictures.append(generate_pictures(generated_captions, args.steps, args.seed))
+        generated_captions = [
+            scenes.caption(scenes.sample_scene(np.random.default_rng(data.TEST_SEED_OFFSET + 9 * 10**6 + i)))
+            for i in range(args.generated)
+        ]
+        pictures.append(generate_pictures(pipeline, generated_captions, args.steps, args.seed))
         captions += generated_captions
         truths += [None] * args.generated
         notes += ["generated by tiny-sd"] * args.generated
@@ -118,38 +167,90 @@ def main(argv=None) -> Path:
         captions += defect_captions
         truths += defect_truths
         notes += [f"toy world, injected {kind}" for kind in kinds]
-    images = torch.cat(pictures)
+    return torch.cat(pictures), captions, truths, notes
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    start = time.time()
+    torch.manual_seed(args.seed)
+    pipeline = load_tiny_pipeline() if args.generated or not args.no_refine else None
+    images, captions, truths, notes = collect_pictures(args, pipeline)
 
     encoder = load_quality_clip(data.TOY_CLIP_CHECKPOINT)
-    prompts = pq_map.load_prompt_embeddings(data.TOY_PROMPTS)
     with torch.inference_mode():
-        features = encoder.encode_image(images)
-        perceptual = pq_map.perceptual_quality(features, pq_map.encode_quality_prompts(encoder, prompts),
-                                               encoder.logit_scale, load_alpha(data.TOY_PROMPTS))
-        alignment = aq_map.alignment_quality(encoder, features, captions)
-    binary, _ = masks.refine_mask(perceptual.map, alignment.map, threshold=args.threshold)
+        prompt_features = pq_map.encode_quality_prompts(encoder, pq_map.load_prompt_embeddings(data.TOY_PROMPTS))
+    alpha = load_alpha(data.TOY_PROMPTS)
+    perceptual, alignment = quality_maps(encoder, prompt_features, alpha, images, captions)
+    settings = RefinerSettings(total_steps=args.refine_steps, mask=masks.MaskSettings(threshold=args.threshold))
+    binary, _ = masks.refine_mask(perceptual.map, alignment.map, **settings.mask.__dict__)  # (N, H, W) 0/1
+    refined = plans = refined_scores = None
+    if not args.no_refine:
+        refined, plans = refine(pipeline, images, perceptual, alignment, captions, settings, args.seed)
+        refined_scores = quality_maps(encoder, prompt_features, alpha, refined, captions)
     p_overlay = visualize.heatmap_overlay(images, perceptual.map)
     a_overlay = visualize.heatmap_overlay(images, alignment.map)
 
     args.output.mkdir(parents=True, exist_ok=True)
-    rows, labels, report = [], [], ["# ComfyUI-Refinery demo", "",
-                                    "Quality maps on the toy world (tiny models trained offline, shipped with the pack).",
-                                    "", "| # | source | caption | p | a | flagged phrases |", "|---|---|---|---|---|---|"]
+    columns = COLUMNS if refined is not None else COLUMNS[:REFINED_COLUMN] + COLUMNS[REFINED_COLUMN + 1 :]
+    table_head = "| # | source | caption | p | a | flagged phrases |"
+    if refined is not None:
+        table_head += " refiner | p refined | a refined |"
+    intro = "Quality maps on the toy world (tiny models trained offline, shipped with the pack)" + (
+        "." if refined is None else ", and the G-Refine refiner run with the tiny pipeline.")
+    rows, labels = [], []
+    report = ["# ComfyUI-Refinery demo", "", intro, "", table_head, "|" + "---|" * (table_head.count("|") - 1)]
     for index, caption in enumerate(captions):
         truth = truths[index]
-        rows.append([enlarge(images[index]), enlarge(p_overlay[index]), enlarge(a_overlay[index]),
-                     enlarge(binary[index]), None if truth is None else enlarge(torch.from_numpy(truth).float())])
-        flagged = [f"{row.phrase} ({row.defect})" for row in alignment.reports[index] if row.defect]
-        labels.append(f"{index}: p={float(perceptual.score[index]):.2f} a={float(alignment.score[index]):.2f} {caption}")
-        report.append(f"| {index} | {notes[index]} | {caption} | {float(perceptual.score[index]):.3f} | "
-                      f"{float(alignment.score[index]):.3f} | {'; '.join(flagged) or '-'} |")
-    write_grid(rows, labels, args.output / "grid.png")
+        cells = [enlarge(images[index]), enlarge(p_overlay[index]), enlarge(a_overlay[index]), enlarge(binary[index])]
+        if refined is not None:
+            cells.append(enlarge(refined[index]))
+        cells.append(None if truth is None else enlarge(torch.from_numpy(truth).float()))
+        rows.append(cells)
+        label, line = describe(index, caption, notes[index], (perceptual, alignment), refined_scores,
+                               None if plans is None else plans[index])
+        labels.append(label)
+        report.append(line)
+    write_grid(rows, labels, args.output / "grid.png", columns)
     report += ["", "![grid](grid.png)", "",
                f"P: perceptual quality (1 = good); A: alignment defects (1 = must change); mask: Bi(1-P+A) at "
-               f"threshold {args.threshold}. Ran in {time.time() - start:.1f} s.", ""]
-    (args.output / "report.md").write_text("\n".join(report), encoding="utf-8")
+               f"threshold {args.threshold}."]
+    if refined is not None:
+        report.append(
+            f"Refined: G-Refine's stage 1 (masked re-denoise of the mask, strength from p and a) and stage 2 (whole "
+            f"picture, strength {settings.global_strength}) with the tiny pipeline, {args.refine_steps} steps in all, "
+            f"guidance {GUIDANCE}, the plain caption as prompt; p and a refined: the maps computed again on the "
+            f"refined picture.")
+    report += [f"Ran in {time.time() - start:.1f} s.", ""]
+    write_text_atomically("\n".join(report), args.output / "report.md")
     print(f"Wrote {args.output.resolve()}/grid.png and report.md")
     return args.output
+
+
+def describe(index: int, caption: str, note: str, scores: tuple, refined_scores: tuple | None,
+             plan: ImagePlan | None) -> tuple[str, str]:
+    """(grid label, report table row) of picture ``index``; scores and refined_scores: (PerceptualQuality,
+    AlignmentQuality) of the batch before and after the refiner (None without it)."""
+    perceptual, alignment = scores
+    flagged = [f"{row.phrase} ({row.defect})" for row in alignment.reports[index] if row.defect]
+    p_before, a_before = float(perceptual.score[index]), float(alignment.score[index])
+    label = f"{index}: p={p_before:.2f} a={a_before:.2f}"
+    line = f"| {index} | {note} | {caption} | {p_before:.3f} | {a_before:.3f} | {'; '.join(flagged) or '-'} |"
+    if refined_scores is not None:
+        p_after, a_after = float(refined_scores[0].score[index]), float(refined_scores[1].score[index])
+        label += f" -> p={p_after:.2f} a={a_after:.2f}"
+        line += f" {plan_note(plan)} | {p_after:.3f} | {a_after:.3f} |"
+    return f"{label} {caption}", line
+
+
+def plan_note(plan: ImagePlan) -> str:
+    """What the refiner did to one picture, for the report."""
+    if plan.skip_stage1 and plan.skip_stage2:
+        return "untouched (passed the quality gate)"
+    first = "stage 1 skipped (empty mask)" if plan.skip_stage1 else \
+        f"stage 1 at {plan.stage1_strength:.2f} on {100 * float(plan.binary_mask.float().mean()):.0f}% of the pixels"
+    return f"{first}, stage 2 at {plan.stage2_strength:.2f}"
 
 
 if __name__ == "__main__":
