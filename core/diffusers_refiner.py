@@ -7,6 +7,11 @@ original pixels, so pixels outside the feathered mask are the input's. Stage 2 i
 strength delta (``AutoPipelineForImage2Image.from_pipe``). Works for the SD1.5 and SDXL pipeline classes and any
 pipeline ``from_pipe`` maps; the components are shared, so no second copy of the UNet is loaded.
 
+Inpainting checkpoints: a pipeline whose UNet takes more channels than the VAE's latents (SD/SDXL inpainting, 9 =
+latents + mask + masked image) cannot run img2img, so stage 2 then uses the inpainting pipeline with an all-ones
+mask (everything re-denoised, no masked-image hint: A1111's img2img with an inpainting model). Any stage-2 pipeline
+that takes a ``mask_image`` is called that way.
+
 Step counts: diffusers runs ``int(num_inference_steps * strength)`` steps of an img2img call, so a stage planned
 with ``n`` steps at strength ``s`` is called with ``num_inference_steps = ceil(n / s)``.
 
@@ -24,6 +29,7 @@ Seeds: picture i uses ``seed + i`` in stage 1 and ``seed + i + 1`` in stage 2 (f
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -60,11 +66,29 @@ def latent_cover_mask(mask: torch.Tensor, pixels_per_latent: int) -> torch.Tenso
     return F.interpolate(cells, scale_factor=f, mode="nearest")[0, 0, :height, :width]
 
 
+def _denoises_plain_latents(pipeline) -> bool:
+    """False for a pipeline whose UNet takes extra input channels (an inpainting checkpoint: latents + mask +
+    masked-image latents), which diffusers' img2img pipelines cannot feed."""
+    unet, vae = getattr(pipeline, "unet", None), getattr(pipeline, "vae", None)
+    if unet is None or vae is None:
+        return True
+    return unet.config.in_channels == getattr(vae.config, "latent_channels", unet.config.in_channels)
+
+
+def _takes_mask(pipeline) -> bool:
+    return "mask_image" in inspect.signature(pipeline.__call__).parameters
+
+
 def _stage_pipelines(pipeline, stage1_pipeline=None, stage2_pipeline=None):
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
     inpaint = stage1_pipeline if stage1_pipeline is not None else AutoPipelineForInpainting.from_pipe(pipeline)
-    img2img = stage2_pipeline if stage2_pipeline is not None else AutoPipelineForImage2Image.from_pipe(pipeline)
+    if stage2_pipeline is not None:
+        img2img = stage2_pipeline
+    elif _denoises_plain_latents(pipeline):
+        img2img = AutoPipelineForImage2Image.from_pipe(pipeline)
+    else:  # an inpainting checkpoint: img2img would feed its 9-channel UNet 4 channels; inpaint everything instead
+        img2img = AutoPipelineForInpainting.from_pipe(pipeline)
     for stage in (inpaint, img2img):
         stage.set_progress_bar_config(disable=True)
     return inpaint, img2img
@@ -85,7 +109,8 @@ def refine_with_pipeline(
 
     pipeline: a diffusers text-to-image (or img2img/inpaint) pipeline; images: (B, H, W, 3) float in [0, 1], H and W
     multiples of the VAE factor; plans: B plans; seed: picture i uses ``torch.Generator().manual_seed(seed + i)`` in
-    stage 1 and ``seed + i + 1`` in stage 2. stage1_pipeline/stage2_pipeline: override the stages (e.g. an inpainting checkpoint for stage 1).
+    stage 1 and ``seed + i + 1`` in stage 2. stage1_pipeline/stage2_pipeline: override the stages (e.g. an inpainting
+    checkpoint for stage 1; a stage-2 pipeline that takes ``mask_image`` gets an all-ones mask).
     A picture whose plan skips stage 2 is returned bit-identical.
     """
     from tqdm.auto import tqdm
@@ -101,6 +126,7 @@ def refine_with_pipeline(
                 f"{tuple(images.shape[1:3])}: compute the maps on the pictures being refined."
             )
     inpaint, img2img = _stage_pipelines(pipeline, stage1_pipeline, stage2_pipeline)
+    stage2_masked = _takes_mask(img2img)
     pixels_per_latent = int(getattr(inpaint, "vae_scale_factor", 8))
     after_stage1, refined = images.clone(), images.clone()
     for index in tqdm(range(images.shape[0]), desc="G-Refine", disable=not progress):
@@ -129,7 +155,12 @@ def refine_with_pipeline(
             current = feathered * repainted + (1 - feathered) * original
         after_stage1[index] = current[0].permute(1, 2, 0)
         if plan.stage2_steps > 0 and plan.stage2_strength > 0:
+            whole = {}
+            if stage2_masked:  # an inpainting pipeline as stage 2: re-denoise the whole picture
+                whole = {"mask_image": torch.ones_like(current[:, :1]), "height": images.shape[1],
+                         "width": images.shape[2]}
             current = img2img(
+                **whole,
                 prompt=prompt,
                 negative_prompt=negative_prompt,
                 image=current,

@@ -1,5 +1,7 @@
-"""The diffusers runner of the two-stage refiner on a randomly initialised tiny SD pipeline (the same classes as
-SD1.5): masks keep pixels, gated pictures are untouched, seeds reproduce, bad input is refused."""
+"""The diffusers runner of the two-stage refiner on randomly initialised pipelines: the tiny SD pipeline of the toy
+world, a full-size SD1.5-shaped one (the cached random weights of ``sd15_checkpoint.py``), a tiny SDXL one and
+inpainting checkpoints (9-channel UNets). Masks keep pixels, gated pictures are untouched, each picture gets its own
+stage-1 strength, seeds reproduce, bad input is refused."""
 
 from __future__ import annotations
 
@@ -57,3 +59,239 @@ def test_bad_input_is_refused(pipeline):
         refine_with_pipeline(pipeline, torch.rand(2, 64, 64, 3), plans, progress=False)
     with pytest.raises(ValueError, match=r"mask of picture 0 is \(64, 64\) but the picture is \(32, 32\)"):
         refine_with_pipeline(pipeline, torch.rand(1, 32, 32, 3), plans, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers shared by the tests below.
+
+FEATHERED = MaskSettings(dilation=2, feather_sigma=1.0)  # soft edge that reaches exactly 0 within ~15 px
+EULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                "beta_schedule": "scaled_linear", "steps_offset": 1, "timestep_spacing": "leading",
+                "prediction_type": "epsilon"}
+
+
+class RecordingStage:
+    """Wraps a stage pipeline: records each call's keyword arguments and how many UNet evaluations it made."""
+
+    def __init__(self, pipe):
+        self.pipe, self.calls, self.unet_calls = pipe, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __call__(self, **kwargs):
+        with count_unet_calls(self.pipe.unet) as counted:
+            output = self.pipe(**kwargs)
+        self.calls.append(kwargs)
+        self.unet_calls.append(len(counted))
+        return output
+
+
+class count_unet_calls:
+    """``with count_unet_calls(unet) as calls:`` -> one entry in ``calls`` per UNet forward pass (one per step)."""
+
+    def __init__(self, unet):
+        self.unet, self.calls = unet, []
+
+    def __enter__(self):
+        self.handle = self.unet.register_forward_hook(lambda *args: self.calls.append(1))
+        return self.calls
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def assert_stage1_kept_outside_the_mask(result, images, plans, index):
+    """After stage 1, picture ``index`` is the input wherever the feathered mask is 0, moves at most by the
+    feathered weight elsewhere, and changed inside the binary mask."""
+    before, after = images[index], result.after_stage1[index]
+    feathered, binary = plans[index].feathered_mask, plans[index].binary_mask > 0.5
+    outside = feathered == 0
+    assert outside.sum() > 0 and binary.sum() > 0
+    assert torch.equal(after[outside], before[outside])
+    assert bool(((after - before).abs() <= feathered[..., None] + 1e-6).all())
+    assert not torch.allclose(after[binary], before[binary], atol=1e-3)
+    assert bool(torch.isfinite(result.images[index]).all())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A randomly initialised full-size SD1.5-shaped StableDiffusionPipeline (860M UNet, CLIP-L, SD VAE) in fp32.
+
+
+def _load_weights(model, path, strip_prefix=""):
+    """Load a fp16 safetensors file into ``model`` as fp32 (strict). ``strip_prefix`` is dropped from the file's keys
+    when the model's own keys lack it (transformers 5's CLIPTextModel has no ``text_model.`` level)."""
+    from safetensors.torch import load_file
+
+    own_keys = model.state_dict().keys()
+    state = load_file(str(path))
+    if strip_prefix and not any(key.startswith(strip_prefix) for key in own_keys):
+        state = {key.removeprefix(strip_prefix): value for key, value in state.items()}
+    model.load_state_dict({key: value.float() for key, value in state.items()}, strict=True, assign=True)
+    left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    assert not left, f"not loaded: {left[:5]}"
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def sd15_pipeline(pipeline):
+    """The cached random SD1.5 files (built once per machine, ~30 s, by ``sd15_checkpoint.build_sd15``) assembled
+    into a fp32 ``StableDiffusionPipeline`` with an Euler scheduler. UNet and VAE are created on the meta device
+    (no 860M-parameter random init) and take the file's tensors."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from sd15_checkpoint import CLIP_CONFIG, FILES, UNET_CONFIG, VAE_CONFIG, build_sd15
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    root = build_sd15()
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**UNET_CONFIG)
+        vae = AutoencoderKL(**VAE_CONFIG)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_CONFIG))  # position_ids is a non-persistent buffer: built here
+    sd15 = StableDiffusionPipeline(
+        vae=_load_weights(vae, root / "vae" / FILES["vae"]),
+        text_encoder=_load_weights(text_encoder, root / "text_encoders" / FILES["text_encoders"], "text_model."),
+        tokenizer=pipeline.tokenizer, unet=_load_weights(unet, root / "unet" / FILES["unet"]),
+        scheduler=EulerDiscreteScheduler(**EULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    assert sd15.vae_scale_factor == 8 and sd15.unet.dtype == torch.float32
+    return sd15
+
+
+def test_sd15_shaped_pipeline_per_picture_strength_masks_gate_and_seed(sd15_pipeline):
+    from diffusers import AutoPipelineForInpainting
+
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(3, 64, 64, 3, generator=generator)
+    settings = RefinerSettings(total_steps=3, alignment_gate=0.05, mask=FEATHERED)  # (n1, n2) = (2, 1)
+    plans = make_plans(images, torch.tensor([0.2, 0.7, 0.95]), settings)
+    assert [plan.reason for plan in plans] == ["refine", "refine", "passed the quality gate"]
+    assert (plans[0].stage1_steps, plans[0].stage2_steps) == (2, 1)
+    strengths = [plans[0].stage1_strength, plans[1].stage1_strength]
+    assert strengths[0] > strengths[1]  # the poorer picture is re-denoised harder
+
+    stage1 = RecordingStage(AutoPipelineForInpainting.from_pipe(sd15_pipeline))
+    with count_unet_calls(sd15_pipeline.unet) as unet_calls:
+        result = refine_with_pipeline(sd15_pipeline, images, plans, guidance_scale=2.0, seed=3, progress=False,
+                                      stage1_pipeline=stage1)
+    assert [call["strength"] for call in stage1.calls] == strengths  # each picture its own strength
+    assert stage1.unet_calls == [2, 2]  # n1 steps each, whatever the strength
+    assert len(unet_calls) == 2 * (2 + 1)  # so stage 2 ran its n2 = 1 step on each refined picture
+    for index in (0, 1):
+        assert_stage1_kept_outside_the_mask(result, images, plans, index)
+        assert not torch.allclose(result.images[index], result.after_stage1[index], atol=1e-4)  # stage 2 ran
+    assert torch.equal(result.images[2], images[2]) and torch.equal(result.after_stage1[2], images[2])
+
+    again = refine_with_pipeline(sd15_pipeline, images[:1], plans[:1], guidance_scale=2.0, seed=3, progress=False)
+    torch.testing.assert_close(again.after_stage1[0], result.after_stage1[0])  # same seed, same picture
+    torch.testing.assert_close(again.images[0], result.images[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tiny randomly initialised SDXL pipeline (two text encoders, text_time added conditioning).
+
+
+def build_sdxl_pipeline(tokenizer, unet_in_channels=4, seed=0):
+    """A tiny ``StableDiffusionXLPipeline`` (or, with ``unet_in_channels=9``, ``StableDiffusionXLInpaintPipeline``,
+    an SDXL inpainting checkpoint) on 64x64 pictures: 4x VAE, two 32-wide CLIP towers whose hidden states
+    concatenate to the UNet's 64-wide context, and the text_time embedding of the 6 size/crop ids (8 each) plus
+    the second tower's 32-wide pooled projection."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, max_position_embeddings=77, projection_dim=32)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=unet_in_channels, out_channels=4, layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64), attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=16,
+        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32), norm_num_groups=8,
+    )
+    pipeline_class = StableDiffusionXLPipeline if unet_in_channels == 4 else StableDiffusionXLInpaintPipeline
+    return pipeline_class(
+        vae=vae, text_encoder=CLIPTextModel(text_config), text_encoder_2=CLIPTextModelWithProjection(text_config),
+        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler(**EULER_CONFIG),
+    )
+
+
+def test_tiny_sdxl_pipeline_runs_both_stages(pipeline):
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    sdxl = build_sdxl_pipeline(pipeline.tokenizer)
+    assert type(AutoPipelineForInpainting.from_pipe(sdxl)).__name__ == "StableDiffusionXLInpaintPipeline"
+    assert type(AutoPipelineForImage2Image.from_pipe(sdxl)).__name__ == "StableDiffusionXLImg2ImgPipeline"
+    images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(2))
+    plans = make_plans(images, torch.tensor([0.3, 0.95]),
+                       RefinerSettings(total_steps=4, alignment_gate=0.05, mask=FEATHERED))
+    with count_unet_calls(sdxl.unet) as unet_calls:
+        result = refine_with_pipeline(sdxl, images, plans, guidance_scale=2.0, progress=False)
+    assert len(unet_calls) == 2 + 2  # one picture refined: n1 + n2 steps
+    assert_stage1_kept_outside_the_mask(result, images, plans, 0)
+    assert not torch.allclose(result.images[0], result.after_stage1[0], atol=1e-4)  # stage 2 ran
+    assert torch.equal(result.images[1], images[1])  # passed the gate: bit-identical
+
+    inpainting = build_sdxl_pipeline(pipeline.tokenizer, unet_in_channels=9, seed=1)  # an SDXL inpainting checkpoint
+    result = refine_with_pipeline(inpainting, images, plans, guidance_scale=2.0, progress=False)
+    assert_stage1_kept_outside_the_mask(result, images, plans, 0)
+    assert torch.equal(result.images[1], images[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inpainting checkpoints (9-channel UNets: latents + mask + masked-image latents) and the other pipeline variants.
+
+
+@pytest.fixture(scope="module")
+def inpainting_pipeline(pipeline):
+    """A tiny ``StableDiffusionInpaintPipeline`` with a random 9-channel UNet of the toy UNet's shape, sharing the
+    toy pipeline's VAE, text encoder, tokenizer and scheduler."""
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    torch.manual_seed(5)
+    unet = UNet2DConditionModel.from_config(pipeline.unet.config, in_channels=9)
+    return StableDiffusionInpaintPipeline(**{**pipeline.components, "unet": unet}, requires_safety_checker=False)
+
+
+def test_inpainting_checkpoint_as_stage1_keeps_pixels_outside_the_feathered_mask(pipeline, inpainting_pipeline):
+    images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(4))
+    plans = make_plans(images, torch.tensor([0.3, 0.95]),
+                       RefinerSettings(total_steps=4, alignment_gate=0.05, mask=FEATHERED))
+    with count_unet_calls(inpainting_pipeline.unet) as stage1_calls, count_unet_calls(pipeline.unet) as stage2_calls:
+        result = refine_with_pipeline(pipeline, images, plans, guidance_scale=2.0, progress=False,
+                                      stage1_pipeline=inpainting_pipeline)
+    assert (len(stage1_calls), len(stage2_calls)) == (2, 2)  # stage 1 on the 9-channel UNet, stage 2 on the base
+    assert_stage1_kept_outside_the_mask(result, images, plans, 0)
+    assert not torch.allclose(result.images[0], result.after_stage1[0], atol=1e-4)
+    assert torch.equal(result.images[1], images[1])
+
+
+def test_inpainting_checkpoint_as_the_pipeline_runs_stage2_on_the_whole_picture(inpainting_pipeline):
+    """diffusers' img2img pipelines cannot feed a 9-channel UNet: stage 2 inpaints with an all-ones mask."""
+    images = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(6))
+    plans = make_plans(images, torch.tensor([0.3]), RefinerSettings(total_steps=4, mask=FEATHERED))
+    with count_unet_calls(inpainting_pipeline.unet) as unet_calls:
+        result = refine_with_pipeline(inpainting_pipeline, images, plans, guidance_scale=2.0, progress=False)
+    assert len(unet_calls) == 2 + 2
+    assert_stage1_kept_outside_the_mask(result, images, plans, 0)
+    outside = plans[0].feathered_mask == 0
+    assert not torch.allclose(result.images[0][outside], images[0][outside], atol=1e-4)  # stage 2 is global
+
+
+@pytest.mark.parametrize("variant", ["StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"])
+def test_img2img_and_inpaint_variants_give_the_text_to_image_pipelines_result(pipeline, variant):
+    import diffusers
+
+    other = getattr(diffusers, variant).from_pipe(pipeline)
+    images = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(7))
+    plans = make_plans(images, torch.tensor([0.3]), RefinerSettings(total_steps=4, mask=FEATHERED))
+    expected = refine_with_pipeline(pipeline, images, plans, guidance_scale=2.0, progress=False)
+    got = refine_with_pipeline(other, images, plans, guidance_scale=2.0, progress=False)
+    torch.testing.assert_close(got.images, expected.images)
+    torch.testing.assert_close(got.after_stage1, expected.after_stage1)
