@@ -1,2 +1,10 @@
-"""Pieces every trainer shares (STYLE.md section 4): model loading, LoRA setup and export helpers, and (as they land)
-config, accelerate setup, checkpointing."""
+"""Pieces every trainer shares (STYLE.md section 4).
+
+- ``config``: the frozen ``TrainingConfig`` dataclass, its flags and checks, JSON form;
+- ``accelerate_setup``: the ``Accelerator`` (``ProjectConfiguration``, ``set_seed``, threads), per-step seeds;
+- ``optim``: AdamW parameter groups, warm-up + cosine schedule;
+- ``checkpoint``: atomic ``checkpoints/step-<n>``, ``latest`` pointer, rotation, exact resume;
+- ``atomic``: atomic file and folder writes;
+- ``model_loading``: SD1.5/SDXL pipelines from diffusers folders or single-file checkpoints, offline;
+- ``lora``: peft LoRA setup, ``adapters_disabled`` (reference model = same UNet), gradient checkpointing.
+"""

@@ -1,0 +1,206 @@
+"""``refinery-train-preference`` end to end on a tiny open_clip ViT and a few toy-world pairs (seconds on CPU):
+the output file and its metadata, exact resume after a simulated kill, rotation and the ``latest`` pointer,
+line-numbered dataset errors that write nothing, and clear errors for bad flags."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from comfyui_refinery.benchmarks.toyworld import preference_data
+from comfyui_refinery.trainers.stable_preference import train as trainer
+from tiny_models import TINY_VIT_CONFIG, build_tiny_vit
+
+PAIRS = 8
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(checkpoint, dataset folder): a tiny ViT CLIP with its config beside it, 8 toy pairs at 32 px (the training
+    split's format, 2 labels flipped) and the same pairs in the image_0/image_1/label format."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("preference")
+    checkpoint = build_tiny_vit(root / "models", "tiny-pref-vit", TINY_VIT_CONFIG, seed=0)
+    preference_data.build_split(root / "pairs", PAIRS, preference_data.TRAIN_SEED_OFFSET, flip_fraction=0.25,
+                                resolution=32)
+    preference_data.build_split(root / "labelled", PAIRS, preference_data.TEST_SEED_OFFSET, label_format=True,
+                                resolution=32)
+    return checkpoint, root / "pairs", root / "labelled"
+
+
+def _args(checkpoint, dataset, output, *extra):
+    return [
+        "--dataset", str(dataset), "--checkpoint", str(checkpoint), "--output-dir", str(output),
+        "--max-train-steps", "6", "--train-batch-size", "2", "--gradient-accumulation-steps", "2",
+        "--learning-rate", "1e-3", "--checkpointing-steps", "2", "--checkpoints-total-limit", "2",
+        "--augmentations", "2", "--trainable-image-layers", "2", "--trainable-text-layers", "1",
+        "--threads", "1", "--log-every", "100", *extra,
+    ]
+
+
+class SimulatedKill(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def full_run(setup, tmp_path_factory):
+    checkpoint, dataset, _ = setup
+    output = tmp_path_factory.mktemp("full")
+    path = trainer.main(_args(checkpoint, dataset, output))
+    return output, path
+
+
+def test_output_loads_as_a_reward_model(full_run):
+    """What the trainer writes is what the reward loader (and the Load Reward Model node) reads: auto-detected as
+    "trained", scores one number per image."""
+    import torch
+
+    from comfyui_refinery.core.rewards import detect_reward_kind, load_reward_model
+
+    _, path = full_run
+    assert detect_reward_kind(path) == "trained"
+    reward = load_reward_model(path)
+    scores = reward.score(torch.rand(2, 40, 40, 3), ["a red circle", "a blue square"])
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+def test_output_file_and_metadata(setup, full_run):
+    checkpoint, _, _ = setup
+    output, path = full_run
+    assert path == output / "reward.safetensors" and path.is_file()
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+        keys = set(handle.keys())
+    assert metadata["refinery.format"] == "reward-clip/1"
+    assert metadata["refinery.method"] == "stable-preference"
+    assert metadata["refinery.score"] == "cosine"
+    assert metadata["refinery.architecture"] == ""  # config came from the JSON beside the checkpoint
+    assert json.loads(metadata["refinery.open_clip_config"]) == TINY_VIT_CONFIG
+    training = json.loads(metadata["refinery.training"])
+    assert training["loss"] == "stable-preference" and training["training"]["max_train_steps"] == 6
+    assert json.loads((output / "training_config.json").read_text()) == training
+    assert json.loads((output / "reward.json").read_text()) == TINY_VIT_CONFIG
+    # the full state dict; trained blocks changed, frozen ones did not
+    base, trained = load_file(str(checkpoint)), load_file(str(path))
+    assert keys == set(base)
+    assert torch.equal(trained["visual.transformer.resblocks.0.attn.in_proj_weight"],
+                       base["visual.transformer.resblocks.0.attn.in_proj_weight"])
+    assert torch.equal(trained["transformer.resblocks.0.mlp.c_fc.weight"], base["transformer.resblocks.0.mlp.c_fc.weight"])
+    assert not torch.equal(trained["visual.transformer.resblocks.3.attn.in_proj_weight"],
+                           base["visual.transformer.resblocks.3.attn.in_proj_weight"])
+    assert not torch.equal(trained["transformer.resblocks.1.mlp.c_fc.weight"], base["transformer.resblocks.1.mlp.c_fc.weight"])
+    # rotation kept the newest two; latest names the newest; no temporary folder left
+    checkpoints = output / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-4", "step-6"]
+    assert (checkpoints / "latest").read_text().strip() == "step-6"
+    assert json.loads((checkpoints / "step-6" / "trainer_state.json").read_text())["step"] == 6
+
+
+def test_killed_run_resumes_exactly(setup, full_run, tmp_path, monkeypatch):
+    checkpoint, dataset, _ = setup
+    reference = load_file(str(full_run[1]))
+    output = tmp_path / "killed"
+    real_loss = trainer.batch_loss
+
+    def dying_loss(config, model, tokenizer, batch, step, *rest):
+        if step == 4:  # after checkpoint step-4 was written, inside step 5
+            raise SimulatedKill
+        return real_loss(config, model, tokenizer, batch, step, *rest)
+
+    monkeypatch.setattr(trainer, "batch_loss", dying_loss)
+    with pytest.raises(SimulatedKill):
+        trainer.main(_args(checkpoint, dataset, output))
+    assert not (output / "reward.safetensors").exists()
+    assert (output / "checkpoints" / "latest").read_text().strip() == "step-4"
+    monkeypatch.setattr(trainer, "batch_loss", real_loss)
+    # a fresh start into the same folder is refused (it would mix two runs' checkpoints)
+    with pytest.raises(SystemExit, match="--resume-from latest"):
+        trainer.main(_args(checkpoint, dataset, output))
+    # resuming with other layer-freezing options, or past the step count, is refused before anything changes
+    with pytest.raises(SystemExit, match="trained other parameters"):
+        trainer.main(_args(checkpoint, dataset, output, "--resume-from", "latest", "--trainable-image-layers", "1"))
+    with pytest.raises(SystemExit, match="past --max-train-steps 3"):
+        trainer.main(_args(checkpoint, dataset, output, "--resume-from", "latest", "--max-train-steps", "3"))
+    path = trainer.main(_args(checkpoint, dataset, output, "--resume-from", "latest"))
+    resumed = load_file(str(path))
+    assert resumed.keys() == reference.keys()
+    different = [key for key in reference if not torch.equal(reference[key], resumed[key])]
+    assert not different, f"resumed run differs from the uninterrupted one in {different[:5]}"
+
+
+def test_label_format_and_cross_entropy(setup, tmp_path):
+    checkpoint, _, labelled = setup
+    path = trainer.main(_args(checkpoint, labelled, tmp_path / "ce", "--loss", "cross-entropy",
+                              "--max-train-steps", "2", "--freeze-logit-scale"))
+    with safe_open(str(path), "pt") as handle:
+        training = json.loads(handle.metadata()["refinery.training"])
+    assert training["loss"] == "cross-entropy" and training["train_logit_scale"] is False
+    assert torch.equal(load_file(str(path))["logit_scale"], load_file(str(checkpoint))["logit_scale"])
+
+
+def test_dataset_errors_are_listed_with_line_numbers_and_nothing_is_written(setup, tmp_path):
+    checkpoint, dataset, _ = setup
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    good = json.loads((dataset / "pairs.jsonl").read_text().splitlines()[0])
+    absolute = {key: str(dataset / good[key]) for key in ("preferred", "rejected")}
+    lines = [
+        json.dumps({"prompt": good["prompt"], **absolute}),
+        '{"prompt": "a red circle", "preferred": ',  # malformed JSON
+        json.dumps({"prompt": "a red circle", "preferred": absolute["preferred"]}),  # no rejected
+        json.dumps({"prompt": "a red circle", "preferred": "missing.png", "rejected": absolute["rejected"]}),
+        "",
+        json.dumps({"prompt": "a red circle", "image_0": absolute["preferred"], "image_1": absolute["rejected"],
+                    "label": 0.5}),
+    ]
+    (bad / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    output = tmp_path / "never"
+    with pytest.raises(SystemExit) as error:
+        trainer.main(_args(checkpoint, bad, output))
+    message = str(error.value)
+    for expected in ("line 2: malformed JSON", "line 3: missing key(s) ['rejected']", "line 4: 'preferred' image "
+                     "'missing.png' not found", "line 6: 'label' must be 0 or 1"):
+        assert expected in message, message
+    assert "line 1" not in message and "4 problem(s)" in message
+    assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--loss", "hinge"], "invalid choice: 'hinge'"),
+        (["--max-train-steps", "0"], "--max-train-steps must be at least 1"),
+        (["--crop-scale", "0.9", "0.5"], "--crop-scale needs 0 < LOW <= HIGH <= 1"),
+        (["--augmentations", "0"], "needs --augmentations >= 1"),
+        (["--lr-warmup-steps", "50"], "--lr-warmup-steps must be in [0, --max-train-steps = 6]"),
+        (["--output-name", "a/b"], "--output-name must be a plain file name"),
+    ],
+)
+def test_bad_flags_exit_with_usage(setup, tmp_path, capsys, extra, expected):
+    checkpoint, dataset, _ = setup
+    with pytest.raises(SystemExit) as error:
+        trainer.main(_args(checkpoint, dataset, tmp_path / "out", *extra))
+    assert error.value.code == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--trainable-image-layers", "9"], "--trainable-image-layers 9 is more than the 4 blocks"),
+        (["--resume-from", "latest"], "no checkpoint pointer"),
+        (["--resume-from", "nowhere/step-2"], "is not a folder"),
+        (["--train-batch-size", "20"], "fewer than one batch"),
+    ],
+)
+def test_unusable_setup_fails_before_writing(setup, tmp_path, extra, expected):
+    checkpoint, dataset, _ = setup
+    with pytest.raises(SystemExit) as error:
+        trainer.main(_args(checkpoint, dataset, tmp_path / "out", *extra))
+    assert expected in str(error.value)
+    assert not (tmp_path / "out").exists()

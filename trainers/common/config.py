@@ -1,0 +1,180 @@
+"""Shared training options: a frozen, typed dataclass, its command-line flags, checks, and JSON form.
+
+Each trainer's own config (``trainers/<method>/config.py``) holds a :class:`TrainingConfig` in its ``training``
+field; :func:`add_training_arguments` registers the flags, :func:`training_config_from_args` builds and checks it
+right after parsing (errors go through ``parser.error``: exit status 2 and the usage line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_write_json
+
+LR_SCHEDULERS = ("cosine", "constant")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+CONFIG_FILE = "training_config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """Options every trainer shares. Steps count optimiser updates (after gradient accumulation).
+
+    lr_warmup_steps is resolved at parse time (the flag's default is 5 % of max_train_steps, the paper's
+    1,500 of 30,000), so the stored config shows the schedule actually used.
+    """
+
+    output_dir: Path
+    seed: int = 0
+    max_train_steps: int = 1000
+    train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-6
+    weight_decay: float = 0.2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 50
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = 3
+    resume_from: str | None = None
+    mixed_precision: str = "no"
+    threads: int | None = None
+    dataloader_num_workers: int = 0
+    log_every: int = 10
+
+
+DEFAULT_WARMUP_FRACTION = 0.05
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> None:
+    """Register the :class:`TrainingConfig` flags on ``parser``; ``defaults`` overrides field defaults by name."""
+    base = {field.name: field.default for field in dataclasses.fields(TrainingConfig)} | defaults
+    group = parser.add_argument_group("training")
+    group.add_argument("--output-dir", type=Path, required="output_dir" not in defaults, default=defaults.get("output_dir"),
+                       help="folder for checkpoints/, the config and the final model")
+    group.add_argument("--seed", type=int, default=base["seed"], help="one seed for initialisation, data order and "
+                       "augmentation (per-step draws are derived from (seed, step))")
+    group.add_argument("--max-train-steps", type=int, default=base["max_train_steps"], help="optimiser steps")
+    group.add_argument("--train-batch-size", type=int, default=base["train_batch_size"],
+                       help="pairs per device per micro-batch")
+    group.add_argument("--gradient-accumulation-steps", type=int, default=base["gradient_accumulation_steps"])
+    group.add_argument("--learning-rate", type=float, default=base["learning_rate"], help="peak AdamW learning rate")
+    group.add_argument("--weight-decay", type=float, default=base["weight_decay"],
+                       help="AdamW decoupled weight decay on weight matrices (not on biases, norms, embeddings, "
+                       "logit scale)")
+    group.add_argument("--adam-beta1", type=float, default=base["adam_beta1"])
+    group.add_argument("--adam-beta2", type=float, default=base["adam_beta2"])
+    group.add_argument("--adam-epsilon", type=float, default=base["adam_epsilon"])
+    group.add_argument("--max-grad-norm", type=float, default=base["max_grad_norm"],
+                       help="gradient clipping norm; 0 turns clipping off")
+    group.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default=base["lr_scheduler"],
+                       help="cosine decay to 0 after the warm-up, or constant after it")
+    group.add_argument("--lr-warmup-steps", type=int, default=None,
+                       help=f"linear warm-up steps (default {DEFAULT_WARMUP_FRACTION:.0%} of --max-train-steps)")
+    group.add_argument("--checkpointing-steps", type=int, default=base["checkpointing_steps"],
+                       help="save a resumable checkpoint into <output-dir>/checkpoints/step-<n> every N steps")
+    group.add_argument("--checkpoints-total-limit", type=int, default=base["checkpoints_total_limit"],
+                       help="keep only the newest K checkpoints (0: keep all)")
+    group.add_argument("--resume-from", default=base["resume_from"],
+                       help="'latest' (the checkpoint <output-dir>/checkpoints/latest names) or a checkpoint folder")
+    group.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=base["mixed_precision"])
+    group.add_argument("--threads", type=int, default=base["threads"], help="torch CPU threads (default: torch's)")
+    group.add_argument("--dataloader-num-workers", type=int, default=base["dataloader_num_workers"])
+    group.add_argument("--log-every", type=int, default=base["log_every"], help="log the losses every N steps")
+
+
+def training_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainingConfig:
+    """Build and check the :class:`TrainingConfig` from parsed ``args``; ``parser.error`` on a bad value."""
+    positive = ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
+                "log_every")
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    if args.learning_rate <= 0:
+        parser.error(f"--learning-rate must be positive, got {args.learning_rate}.")
+    for name in ("weight_decay", "max_grad_norm", "adam_epsilon"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}.")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}.")
+    warmup = args.lr_warmup_steps
+    if warmup is None:
+        warmup = int(round(DEFAULT_WARMUP_FRACTION * args.max_train_steps))
+    if not 0 <= warmup <= args.max_train_steps:
+        parser.error(f"--lr-warmup-steps must be in [0, --max-train-steps = {args.max_train_steps}], got {warmup}.")
+    limit = args.checkpoints_total_limit
+    if limit is not None and limit < 0:
+        parser.error(f"--checkpoints-total-limit must be 0 (keep all) or positive, got {limit}.")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}.")
+    if args.dataloader_num_workers < 0:
+        parser.error(f"--dataloader-num-workers must not be negative, got {args.dataloader_num_workers}.")
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        parser.error(f"--output-dir '{args.output_dir}' exists and is not a folder.")
+    return TrainingConfig(
+        output_dir=args.output_dir,
+        seed=args.seed,
+        max_train_steps=args.max_train_steps,
+        train_batch_size=args.train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_epsilon=args.adam_epsilon,
+        max_grad_norm=args.max_grad_norm,
+        lr_scheduler=args.lr_scheduler,
+        lr_warmup_steps=warmup,
+        checkpointing_steps=args.checkpointing_steps,
+        checkpoints_total_limit=None if not limit else limit,
+        resume_from=args.resume_from,
+        mixed_precision=args.mixed_precision,
+        threads=args.threads,
+        dataloader_num_workers=args.dataloader_num_workers,
+        log_every=args.log_every,
+    )
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A (nested) config dataclass as a JSON-ready dict: paths as strings, tuples as lists."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {field.name: plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (tuple, list)):
+            return [plain(item) for item in value]
+        return value
+
+    return plain(config)
+
+
+def config_json(config: Any) -> str:
+    """Compact, key-sorted JSON of :func:`config_to_dict` (used in safetensors metadata)."""
+    return json.dumps(config_to_dict(config), sort_keys=True)
+
+
+def write_config(config: Any, output_dir: str | Path) -> Path:
+    """Write ``<output_dir>/training_config.json`` atomically. Returns its path."""
+    return atomic_write_json(Path(output_dir) / CONFIG_FILE, config_to_dict(config))
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ between two :func:`config_to_dict` results."""
+    names = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            names += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            names.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return names

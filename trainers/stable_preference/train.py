@@ -1,0 +1,300 @@
+"""``refinery-train-preference``: fine-tune an open_clip CLIP into a preference (reward) model on preference pairs,
+with Stable Preference (stable-preference.txt sec. 3; losses in ``core/stable_preference.py``) or plain
+cross-entropy, and write it as a "reward-clip/1" safetensors file.
+
+Score: ``S = logit_scale * cos(image, prompt)`` (the losses' scale); the saved file's score is the plain cosine,
+which ranks images the same. Output in ``--output-dir``: ``<output-name>.safetensors`` (full CLIP state dict and
+metadata), ``<output-name>.json`` (its open_clip model config, so ``load_quality_clip`` can read it with
+architecture "auto"), ``training_config.json``, and ``checkpoints/step-<n>`` + ``checkpoints/latest``.
+
+Example::
+
+    refinery-train-preference --dataset data/train --checkpoint toy-clip.safetensors --output-dir runs/sp \
+        --max-train-steps 3000 --train-batch-size 64 --learning-rate 2e-6 --trainable-image-layers 18 \
+        --trainable-text-layers 8 --checkpointing-steps 500
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ...core import stable_preference as sp
+from ...core.clip_surgery import AUTO_ARCHITECTURE, load_quality_clip
+from ..common.accelerate_setup import make_accelerator, seed_for_step
+from ..common.atomic import atomic_write_json
+from ..common.checkpoint import (
+    CheckpointError,
+    checkpoints_dir,
+    list_checkpoints,
+    load_checkpoint,
+    read_trainer_state,
+    register_trainable_state_hooks,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from ..common.config import config_differences, config_to_dict, write_config
+from ..common.optim import make_optimizer, make_scheduler
+from ...core.rewards.trained import save_trained_reward
+from .config import StablePreferenceConfig, parse_args
+from .data import DatasetError, PreferenceDataset, StepBatchSampler, collate, read_pairs
+
+logger = logging.getLogger(__name__)
+
+MAX_LOGIT_SCALE = math.log(100.0)  # open_clip's training clamp of the temperature
+AUGMENTATION_STREAM = 1
+__all__ = ["main", "parse_args", "train", "load_reward_clip", "freeze_layers", "pair_scores", "batch_loss", "SetupError"]
+
+
+class SetupError(ValueError):
+    """The run cannot start (model, layer counts, output folder); the message says what to change."""
+
+
+# ------------------------------------------------------------------------------------------------ model
+def load_reward_clip(checkpoint: Path, architecture: str = AUTO_ARCHITECTURE):
+    """Load an open_clip CLIP for training, offline. Returns ``(model, recorded_architecture, open_clip_config,
+    tokenizer)``: the model in float32 train mode; the architecture name for the metadata ("" when the config came
+    from a JSON beside the checkpoint rather than open_clip's own list)."""
+    import open_clip
+
+    try:
+        encoder = load_quality_clip(checkpoint, architecture)
+    except (FileNotFoundError, ValueError) as error:
+        raise SetupError(f"Cannot load the CLIP checkpoint: {error}") from error
+    config = open_clip.get_model_config(encoder.architecture)
+    recorded = "" if architecture == AUTO_ARCHITECTURE else encoder.architecture
+    return encoder.model.float().train(), recorded, config, encoder.tokenizer
+
+
+def _set_trainable(item, flag: bool) -> None:
+    if isinstance(item, torch.nn.Parameter):
+        item.requires_grad_(flag)
+    elif isinstance(item, torch.nn.Module):
+        item.requires_grad_(flag)
+
+
+def freeze_layers(model, image_layers: int | None, text_layers: int | None, train_logit_scale: bool) -> list[str]:
+    """Freeze all but the last ``image_layers`` image / ``text_layers`` text transformer blocks (None: the whole
+    tower trains, embeddings included); the output norms and projections of both towers always train, the logit
+    scale when ``train_logit_scale``. Returns the names of the trainable parameters, in model order."""
+    model.requires_grad_(False)
+    visual = model.visual
+    text = model.text if hasattr(model, "text") else model
+    text_blocks = getattr(getattr(text, "transformer", None), "resblocks", None)
+    image_blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    if image_blocks is None or text_blocks is None:
+        raise SetupError("Layer freezing needs open_clip's transformer towers (visual.transformer.resblocks and "
+                         "transformer.resblocks); this model has another structure.")
+    for tower, blocks, count, flag, head in (
+        ("image", image_blocks, image_layers, "--trainable-image-layers", (visual.ln_post, visual.proj)),
+        ("text", text_blocks, text_layers, "--trainable-text-layers", (text.ln_final, text.text_projection)),
+    ):
+        if count is not None and count > len(blocks):
+            raise SetupError(f"{flag} {count} is more than the {len(blocks)} blocks of the {tower} tower; use at most "
+                             f"{len(blocks)}, or -1 for all.")
+        if count is None:
+            if tower == "image":
+                visual.requires_grad_(True)
+            else:
+                for item in (text.token_embedding, text.positional_embedding, text.transformer, *head):
+                    _set_trainable(item, True)
+            continue
+        for block in list(blocks)[len(blocks) - count :]:
+            block.requires_grad_(True)
+        for item in head:
+            _set_trainable(item, True)
+    model.logit_scale.requires_grad_(train_logit_scale)
+    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+def input_size(model) -> tuple[int, int]:
+    """(H, W) the image tower takes."""
+    size = model.visual.image_size
+    return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+
+
+def normalisation(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std), each (1, 3, 1, 1), of the tower's input normalisation (OpenAI's when the model names none)."""
+    import open_clip
+
+    mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    return torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+
+def pair_scores(model, tokens: torch.Tensor, pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Scores S (logit scale) of V views per prompt in one forward of the (possibly DDP-wrapped) model.
+
+    tokens: (N, L) prompt tokens; pixels: (N, V, 3, H, W) in [0, 1] at the input size. Returns (N, V)."""
+    count, views = pixels.shape[:2]
+    images = (pixels.flatten(0, 1) - mean.to(pixels)) / std.to(pixels)  # (N * V, 3, H, W)
+    output = model(image=images, text=tokens)
+    if isinstance(output, dict):
+        image_features, text_features, scale = output["image_features"], output["text_features"], output["logit_scale"]
+    else:
+        image_features, text_features, scale = output[:3]
+    return sp.clip_scores(image_features.float().view(count, views, -1), text_features.float(), scale.float())
+
+
+# ------------------------------------------------------------------------------------------------ loss
+def batch_loss(config: StablePreferenceConfig, model, tokenizer, batch: dict, step: int, micro_index: int,
+               mean: torch.Tensor, std: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+    """The configured loss on one micro-batch at optimiser step ``step`` (0-based); the weak views are drawn from
+    a generator seeded by (seed, micro_index). Returns (scalar loss, detached statistics)."""
+    preferred, rejected = batch["preferred"], batch["rejected"]  # (B, 3, H, W) each
+    pixels = torch.stack([preferred, rejected], dim=1)  # (B, 2, 3, H, W): view 0 preferred, view 1 rejected
+    k = config.augmentations
+    with_views = config.loss == "stable-preference" and config.anti_interference
+    if with_views:
+        generator = torch.Generator().manual_seed(seed_for_step(config.training.seed, micro_index, AUGMENTATION_STREAM))
+        options = dict(scale=config.crop_scale, ratio=config.crop_ratio, flip_probability=config.flip_probability)
+        pixels = torch.cat([pixels, sp.weak_augment(preferred, k, generator, **options),
+                            sp.weak_augment(rejected, k, generator, **options)], dim=1)  # (B, 2 + 2k, 3, H, W)
+    tokens = tokenizer(batch["prompts"]).to(device)
+    scores = pair_scores(model, tokens, pixels.to(device), mean, std)  # (B, 2 [+ 2k])
+    if config.loss == "cross-entropy":
+        per_pair = sp.preference_loss(scores[:, 0], scores[:, 1])
+        loss = per_pair.mean()
+        stats = {"l_pref": float(per_pair.detach().mean()), "phase": 0.0}
+    else:
+        phase = sp.phase_for_step(step, config.training.max_train_steps, config.step_one_fraction)
+        result = sp.stable_preference_loss(
+            scores[:, 0], scores[:, 1],
+            scores[:, 2 : 2 + k] if with_views else None,
+            scores[:, 2 + k :] if with_views else None,
+            phase, config.step_one_b, config.step_one_tau,
+        )
+        loss = result.loss
+        stats = {"l_pref": float(result.preference.detach().mean()),
+                 "l_ai": float(result.anti_interference.detach().mean()), "phase": float(phase)}
+    margin = (scores[:, 0] - scores[:, 1]).detach()
+    stats.update(loss=float(loss.detach()), accuracy=float((margin > 0).float().mean()), margin=float(margin.mean()))
+    return loss, stats
+
+
+# ------------------------------------------------------------------------------------------------ run
+def _check_output_dir(config: StablePreferenceConfig) -> tuple[Path | None, dict]:
+    """(checkpoint folder, its trainer state) that --resume-from names, or (None, {}); refuses a fresh start into a
+    folder holding another run's checkpoints, and a checkpoint past --max-train-steps."""
+    training = config.training
+    if training.resume_from:
+        folder = resolve_checkpoint(training.output_dir, training.resume_from)
+        state = read_trainer_state(folder)
+        if state["step"] > training.max_train_steps:
+            raise SetupError(f"Checkpoint '{folder}' is at step {state['step']}, past --max-train-steps "
+                             f"{training.max_train_steps}.")
+        return folder, state
+    if list_checkpoints(training.output_dir) or (checkpoints_dir(training.output_dir) / "latest").exists():
+        raise SetupError(
+            f"'{training.output_dir}' already holds checkpoints of an earlier run. Continue it with --resume-from "
+            f"latest, or choose another --output-dir."
+        )
+    return None, {}
+
+
+def train(config: StablePreferenceConfig) -> Path:
+    """Run the training described by ``config`` (checks first: nothing is written before the dataset, the
+    checkpoint and the output folder are known good). Returns the path of the saved reward."""
+    from tqdm.auto import tqdm
+
+    training = config.training
+    pairs = read_pairs(config.dataset)
+    resume, resume_state = _check_output_dir(config)
+    accelerator = make_accelerator(training)  # writes nothing; sets threads and seeds
+    model, architecture, model_config, tokenizer = load_reward_clip(config.checkpoint, config.architecture)
+    trainable = freeze_layers(model, config.trainable_image_layers, config.trainable_text_layers,
+                              config.train_logit_scale)
+    if resume is not None and resume_state.get("trainable", trainable) != trainable:
+        raise SetupError(f"Checkpoint '{resume}' trained other parameters than these layer-freezing options select; "
+                         f"resume with the options it was started with (see its {resume / 'trainer_state.json'}).")
+    dataset = PreferenceDataset(pairs, input_size(model))
+    accumulation = training.gradient_accumulation_steps
+    try:
+        sampler = StepBatchSampler(len(pairs), training.train_batch_size, training.seed, 0,
+                                   training.max_train_steps * accumulation, accelerator.num_processes,
+                                   accelerator.process_index)
+    except ValueError as error:
+        raise SetupError(str(error)) from error
+    optimizer = make_optimizer(model, training)
+    scheduler = make_scheduler(optimizer, training, accelerator.num_processes)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    register_trainable_state_hooks(accelerator, unwrapped, trainable)
+    config_dict = config_to_dict(config)
+    if accelerator.is_main_process:
+        write_config(config, training.output_dir)
+    logger.info("%d pairs, %d trainable parameter tensors (%d values), loss %s", len(pairs), len(trainable),
+                sum(p.numel() for p in unwrapped.parameters() if p.requires_grad), config.loss)
+
+    step = 0
+    if resume is not None:
+        state = load_checkpoint(accelerator, resume)
+        step = int(state["step"])
+        changed = [line for line in config_differences(state.get("config", {}), config_dict)
+                   if not line.startswith("training.resume_from")]
+        if changed:
+            logger.warning("Resuming with changed options: %s", "; ".join(changed))
+    sampler.start = step * accumulation
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                        num_workers=training.dataloader_num_workers)
+    mean, std = normalisation(unwrapped)
+    mean, std = mean.to(accelerator.device), std.to(accelerator.device)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    progress = tqdm(total=training.max_train_steps, initial=step, desc=config.loss,
+                    disable=not accelerator.is_local_main_process)
+    model.train()
+    micro_index = sampler.start
+    for batch in loader:
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                loss, stats = batch_loss(config, model, tokenizer, batch, step, micro_index, mean, std,
+                                         accelerator.device)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and training.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(parameters, training.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        micro_index += 1
+        if not accelerator.sync_gradients:
+            continue
+        if config.train_logit_scale:
+            with torch.no_grad():
+                unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        step += 1
+        progress.update(1)
+        progress.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.2f}")
+        if step % training.log_every == 0:
+            logger.info("step %d: %s, lr %.3g", step, ", ".join(f"{k} {v:.4f}" for k, v in stats.items()),
+                        scheduler.get_last_lr()[0])
+        if step % training.checkpointing_steps == 0:
+            save_checkpoint(accelerator, training.output_dir, step, {"config": config_dict, "trainable": trainable},
+                            training.checkpoints_total_limit)
+    progress.close()
+    accelerator.wait_for_everyone()
+    output = training.output_dir / f"{config.output_name}.safetensors"
+    if accelerator.is_main_process:
+        save_trained_reward(unwrapped, model_config, output, architecture, config_dict)
+        atomic_write_json(output.with_suffix(".json"), model_config)
+        logger.info("Saved the reward to %s", output)
+    accelerator.end_training()
+    return output
+
+
+def main(input_args: list[str] | None = None) -> Path:
+    """Console entry point. Bad flags exit with status 2 (argparse); an unusable dataset, checkpoint or output
+    folder exits with status 1 and a message, before anything is written."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = parse_args(input_args)
+    try:
+        return train(config)
+    except (DatasetError, CheckpointError, SetupError) as error:
+        raise SystemExit(f"refinery-train-preference: error: {error}") from error
+
+
+if __name__ == "__main__":
+    main()
