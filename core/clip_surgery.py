@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .weights import load_state_dict
+from .weights import load_state_dict, state_dict_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -307,23 +307,8 @@ def load_quality_clip(
     if any(key.startswith("module.") for key in state_dict):
         state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{key}: file {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in expected
-        if key in state_dict and state_dict[key].shape != expected[key].shape
-    ]
-    if missing or unexpected or mismatched:
-        details = "; ".join(
-            part
-            for part in (
-                f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
-                f"{len(mismatched)} of another shape (e.g. {mismatched[:2]})" if mismatched else "",
-            )
-            if part
-        )
+    details = state_dict_mismatch(state_dict, expected)
+    if details:
         raise ValueError(
             f"Checkpoint '{path.name}' does not match architecture '{name}': {details}. Choose the architecture "
             f"the checkpoint was trained as (OpenAI weights need the '-quickgelu' variant's name only for "

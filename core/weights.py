@@ -13,6 +13,24 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
+def state_dict_mismatch(state_dict, expected) -> str | None:
+    """How ``state_dict`` differs from a model's ``expected`` state dict (both ``{name: tensor}``), as one readable
+    phrase: counts of missing, unexpected and differently shaped keys with examples; None when they match."""
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{key}: file {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in expected
+        if key in state_dict and state_dict[key].shape != expected[key].shape
+    ]
+    parts = (
+        f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+        f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+        f"{len(mismatched)} of another shape (e.g. {mismatched[:2]})" if mismatched else "",
+    )
+    return "; ".join(part for part in parts if part) or None
+
+
 def load_state_dict(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
     """Read a flat ``{name: tensor}`` dict from ``path`` on the CPU, never executing pickled code.
 

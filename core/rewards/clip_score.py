@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..clip_surgery import AUTO_ARCHITECTURE, _register_config_beside
-from ..weights import load_state_dict
+from ..weights import load_state_dict, state_dict_mismatch
 from .base import DEFAULT_BATCH_SIZE, RewardModel, example_keys, guess_model_family
 from .preprocessing import ImagePreprocess, open_clip_preprocess
 
@@ -118,23 +118,8 @@ def load_open_clip_weights(
             f"(e.g. {example_keys(state_dict)}; expected keys such as {example_keys(expected)}). Choose the CLIP "
             f"checkpoint of the reward model."
         )
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{key}: file {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in sorted(shared)
-        if state_dict[key].shape != expected[key].shape
-    ]
-    if missing or unexpected or mismatched:
-        details = "; ".join(
-            part
-            for part in (
-                f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
-                f"{len(mismatched)} of another shape (e.g. {mismatched[:2]})" if mismatched else "",
-            )
-            if part
-        )
+    details = state_dict_mismatch(state_dict, expected)
+    if details:
         raise ValueError(
             f"'{source}' is an open_clip CLIP of another architecture than '{label}': {details}. Choose the "
             f"architecture it was trained as, or 'auto' with its model config JSON beside it."
