@@ -96,9 +96,11 @@ def resolve_checkpoint(output_dir: str | Path, resume_from: str) -> Path:
     return folder
 
 
-def register_trainable_state_hooks(accelerator, model: torch.nn.Module, names: list[str]) -> None:
+def register_trainable_state_hooks(accelerator, model: torch.nn.Module, names: list[str],
+                                   file_name: str = TRAINABLE_FILE) -> None:
     """Make ``accelerator.save_state`` / ``load_state`` store only the parameters ``names`` of ``model`` (the
-    trained ones) in ``trainable.safetensors``, instead of the whole model."""
+    trained ones) in ``file_name`` (default ``trainable.safetensors``; give each prepared model its own name),
+    instead of the whole model."""
     from safetensors.torch import load_file, save_file
 
     wanted = list(names)
@@ -116,7 +118,7 @@ def register_trainable_state_hooks(accelerator, model: torch.nn.Module, names: l
         if accelerator.is_main_process:
             parameters = dict(model.named_parameters())
             save_file({name: parameters[name].detach().cpu().contiguous() for name in wanted},
-                      str(Path(output_dir) / TRAINABLE_FILE))
+                      str(Path(output_dir) / file_name))
         weights.pop(index)
 
     def load_hook(models, input_dir):
@@ -124,9 +126,10 @@ def register_trainable_state_hooks(accelerator, model: torch.nn.Module, names: l
         if index is None:
             return
         models.pop(index)
-        path = Path(input_dir) / TRAINABLE_FILE
+        path = Path(input_dir) / file_name
         if not path.is_file():
-            raise CheckpointError(f"Checkpoint '{input_dir}' has no {TRAINABLE_FILE}.")
+            raise CheckpointError(f"Checkpoint '{input_dir}' has no {file_name}: it was saved by a run that trained "
+                                  f"other parts of the model; resume with the options it was started with.")
         tensors = load_file(str(path))
         if sorted(tensors) != sorted(wanted):
             missing = sorted(set(wanted) - set(tensors))
@@ -142,6 +145,25 @@ def register_trainable_state_hooks(accelerator, model: torch.nn.Module, names: l
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def resume_point(output_dir: str | Path, resume_from: str | None, max_train_steps: int) -> tuple[Path | None, dict]:
+    """Where a run starts: ``(checkpoint folder, its trainer state)`` that ``--resume-from`` names, or ``(None, {})``
+    for a fresh start. CheckpointError, saying what to do, for a fresh start into a folder that holds another run's
+    checkpoints (they would be mixed and rotated away), and for a checkpoint past ``max_train_steps``."""
+    if resume_from:
+        folder = resolve_checkpoint(output_dir, resume_from)
+        state = read_trainer_state(folder)
+        if state["step"] > max_train_steps:
+            raise CheckpointError(f"Checkpoint '{folder}' is at step {state['step']}, past --max-train-steps "
+                                  f"{max_train_steps}.")
+        return folder, state
+    if list_checkpoints(output_dir) or (checkpoints_dir(output_dir) / LATEST).exists():
+        raise CheckpointError(
+            f"'{output_dir}' already holds checkpoints of an earlier run. Continue it with --resume-from latest, or "
+            f"choose another --output-dir."
+        )
+    return None, {}
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[str, Any],

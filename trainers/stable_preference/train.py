@@ -29,12 +29,9 @@ from ..common.accelerate_setup import make_accelerator, seed_for_step
 from ..common.atomic import atomic_write_json
 from ..common.checkpoint import (
     CheckpointError,
-    checkpoints_dir,
-    list_checkpoints,
     load_checkpoint,
-    read_trainer_state,
     register_trainable_state_hooks,
-    resolve_checkpoint,
+    resume_point,
     save_checkpoint,
 )
 from ..common.config import config_differences, config_to_dict, write_config
@@ -177,25 +174,6 @@ def batch_loss(config: StablePreferenceConfig, model, tokenizer, batch: dict, st
 
 
 # ------------------------------------------------------------------------------------------------ run
-def _check_output_dir(config: StablePreferenceConfig) -> tuple[Path | None, dict]:
-    """(checkpoint folder, its trainer state) that --resume-from names, or (None, {}); refuses a fresh start into a
-    folder holding another run's checkpoints, and a checkpoint past --max-train-steps."""
-    training = config.training
-    if training.resume_from:
-        folder = resolve_checkpoint(training.output_dir, training.resume_from)
-        state = read_trainer_state(folder)
-        if state["step"] > training.max_train_steps:
-            raise SetupError(f"Checkpoint '{folder}' is at step {state['step']}, past --max-train-steps "
-                             f"{training.max_train_steps}.")
-        return folder, state
-    if list_checkpoints(training.output_dir) or (checkpoints_dir(training.output_dir) / "latest").exists():
-        raise SetupError(
-            f"'{training.output_dir}' already holds checkpoints of an earlier run. Continue it with --resume-from "
-            f"latest, or choose another --output-dir."
-        )
-    return None, {}
-
-
 def train(config: StablePreferenceConfig) -> Path:
     """Run the training described by ``config`` (checks first: nothing is written before the dataset, the
     checkpoint and the output folder are known good). Returns the path of the saved reward."""
@@ -203,7 +181,7 @@ def train(config: StablePreferenceConfig) -> Path:
 
     training = config.training
     pairs = read_pairs(config.dataset)
-    resume, resume_state = _check_output_dir(config)
+    resume, resume_state = resume_point(training.output_dir, training.resume_from, training.max_train_steps)
     accelerator = make_accelerator(training)  # writes nothing; sets threads and seeds
     model, architecture, model_config, tokenizer = load_reward_clip(config.checkpoint, config.architecture)
     trainable = freeze_layers(model, config.trainable_image_layers, config.trainable_text_layers,
