@@ -1,0 +1,275 @@
+"""refinery-train-rankdpo on the committed tiny SD pipeline (benchmarks/toyworld/models/tiny-sd) and a tiny SDXL:
+end-to-end runs, exact resume, the gradient direction of one step, the DPO reduction, and bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from comfyui_refinery.trainers.rankdpo import train as trainer
+from comfyui_refinery.trainers.rankdpo.config import parse_args
+from comfyui_refinery.trainers.rankdpo.data import RankedGroup, read_groups
+from PIL import Image
+from safetensors import safe_open
+
+PACK_ROOT = Path(__file__).resolve().parent.parent
+TINY_SD = PACK_ROOT / "benchmarks" / "toyworld" / "models" / "tiny-sd"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_dataset(folder: Path, prompts: int = 4, k: int = 3, size: int = 64, seed: int = 0) -> Path:
+    """A Syn-Pic-format folder: random pictures, k per prompt, win rates 1, 0.5, 0 (k = 3) or evenly spaced."""
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for prompt in range(prompts):
+        images = []
+        for index in range(k):
+            name = f"images/p{prompt}_g{index}.png"
+            Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(folder / name)
+            images.append(name)
+        win_rates = [1.0 - index / (k - 1) for index in range(k)]
+        lines.append(json.dumps({"prompt": f"a red circle number {prompt}", "images": images,
+                                 "win_rates": win_rates, "scores": {"toy": win_rates}}))
+    (folder / "index.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def run(arguments: list[str]) -> Path:
+    return trainer.train(parse_args(arguments))
+
+
+def base_arguments(dataset: Path, output: Path, *extra: str) -> list[str]:
+    return ["--dataset", str(dataset), "--model", str(TINY_SD), "--output-dir", str(output), "--threads", "1",
+            "--train-batch-size", "2", "--learning-rate", "1e-3", "--lr-warmup-steps", "0", *extra]
+
+
+def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), "pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
+
+
+def test_two_steps_write_a_comfyui_lora_and_resume_is_exact(tmp_path, monkeypatch):
+    dataset = write_dataset(tmp_path / "data")
+    straight = run(base_arguments(dataset, tmp_path / "straight", "--max-train-steps", "3",
+                                  "--checkpointing-steps", "100"))
+    tensors, metadata = read_lora(straight)
+    assert straight.name == "rankdpo_lora.safetensors"
+    assert tensors and all(key.startswith("lora_unet_") for key in tensors)
+    assert metadata["refinery.method"] == "rankdpo" and metadata["refinery.base_family"] == "sd15"
+    assert json.loads(metadata["refinery.training_args"])["loss"] == "rankdpo"
+    assert metadata["refinery.rank"] == "8" and metadata["refinery.alpha"] == "8"
+    assert any(value.abs().max() > 0 for key, value in tensors.items() if key.endswith("lora_up.weight"))
+    assert (tmp_path / "straight" / "training_config.json").is_file()
+
+    # killed during step 3 (checkpoint at 2), resumed: the same weights bit for bit
+    original = trainer.batch_loss
+
+    def killed_at_step_three(config, models, batch, micro_index, *args):
+        if micro_index == 2:
+            raise KeyboardInterrupt
+        return original(config, models, batch, micro_index, *args)
+
+    monkeypatch.setattr(trainer, "batch_loss", killed_at_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        run(base_arguments(dataset, tmp_path / "resumed", "--max-train-steps", "3", "--checkpointing-steps", "2"))
+    assert not (tmp_path / "resumed" / "rankdpo_lora.safetensors").exists()
+    monkeypatch.setattr(trainer, "batch_loss", original)
+    resumed = run(base_arguments(dataset, tmp_path / "resumed", "--max-train-steps", "3", "--checkpointing-steps",
+                                 "2", "--resume-from", "latest"))
+    resumed_tensors, _ = read_lora(resumed)
+    assert sorted(resumed_tensors) == sorted(tensors)
+    for key, value in tensors.items():
+        assert torch.equal(resumed_tensors[key], value), key
+
+
+def test_one_step_lowers_the_preferred_images_score(tmp_path):
+    """Gradient direction (issue): on a fixed batch and fixed (t, eps), one SGD step on the RankDPO loss lowers
+    s(preferred) - s(rejected) for every group."""
+    dataset = write_dataset(tmp_path / "data", prompts=2, k=3)
+    config = parse_args(base_arguments(dataset, tmp_path / "out"))
+    models = trainer.load_models(config)
+    from comfyui_refinery.trainers.rankdpo.data import RankedGroupDataset, collate
+
+    groups = read_groups(dataset)
+    batch = collate([RankedGroupDataset(groups, models.resolution)[index] for index in range(2)])
+    device = torch.device("cpu")
+    parameters = [parameter for parameter in models.unet.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=0.05)
+    # a first step moves the LoRA off B = 0, where every s is exactly 0
+    loss, _ = trainer.batch_loss(config, models, batch, micro_index=7, device=device)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    with torch.no_grad():
+        before = trainer.batch_scores(models, batch, config.training.seed, 7, device).view(2, 3)
+    loss, _ = trainer.batch_loss(config, models, batch, micro_index=7, device=device)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = trainer.batch_scores(models, batch, config.training.seed, 7, device).view(2, 3)
+    margin_before = before[:, 0] - before[:, 2]  # best (phi 1) minus worst (phi 0)
+    margin_after = after[:, 0] - after[:, 2]
+    assert (margin_after < margin_before).all(), (margin_before, margin_after)
+    # the reference is the same UNet with the LoRA off: unchanged by training
+    assert before.abs().max() > 0
+
+
+def test_same_draws_for_every_image_of_a_group(tmp_path):
+    """With the LoRA at zero, policy == reference: s is exactly 0 for every image, which holds only if the reference
+    pass sees the very same noisy latents and timesteps."""
+    dataset = write_dataset(tmp_path / "data", prompts=2, k=3)
+    config = parse_args(base_arguments(dataset, tmp_path / "out"))
+    models = trainer.load_models(config)
+    from comfyui_refinery.trainers.rankdpo.data import RankedGroupDataset, collate
+
+    batch = collate([RankedGroupDataset(read_groups(dataset), models.resolution)[index] for index in range(2)])
+    with torch.no_grad():
+        scores = trainer.batch_scores(models, batch, 0, 0, torch.device("cpu"))
+    assert scores.shape == (6,) and torch.equal(scores, torch.zeros(6))
+
+
+def test_dpo_loss_trains_on_best_and_worst(tmp_path):
+    group = RankedGroup("p", (Path("a"), Path("b"), Path("c"), Path("d")), (0.5, 1.0, 0.0, 1.0), 3)
+    pair = group.best_and_worst()
+    assert pair.images == (Path("b"), Path("c")) and pair.win_rates == (1.0, 0.0) and pair.line == 3
+    dataset = write_dataset(tmp_path / "data", prompts=2, k=3)
+    output = run(base_arguments(dataset, tmp_path / "dpo", "--loss", "dpo", "--max-train-steps", "1"))
+    _, metadata = read_lora(output)
+    assert metadata["refinery.method"] == "diffusion-dpo"
+
+
+def test_text_encoder_lora_is_exported_and_loads_in_diffusers(tmp_path):
+    from comfyui_refinery.trainers.common.model_loading import load_sd_pipeline
+
+    dataset = write_dataset(tmp_path / "data", prompts=2, k=2)
+    output = run(base_arguments(dataset, tmp_path / "te", "--train-text-encoder", "--max-train-steps", "1",
+                                "--output-name", "with_te"))
+    tensors, _ = read_lora(output)
+    assert any(key.startswith("lora_te_") for key in tensors) and any(key.startswith("lora_unet_") for key in tensors)
+    pipeline = load_sd_pipeline(TINY_SD)
+    pipeline.load_lora_weights(str(output))  # diffusers reads the same file
+
+
+def test_tiny_sdxl_pipeline_trains(tmp_path):
+    from test_diffusers_refiner import build_sdxl_pipeline
+
+    from comfyui_refinery.benchmarks.toyworld.sd_pipeline import load_pipeline
+
+    sdxl = build_sdxl_pipeline(load_pipeline().tokenizer)
+    sdxl.save_pretrained(tmp_path / "sdxl")
+    dataset = write_dataset(tmp_path / "data", prompts=2, k=3)
+    arguments = base_arguments(dataset, tmp_path / "out", "--max-train-steps", "1")
+    arguments[arguments.index("--model") + 1] = str(tmp_path / "sdxl")
+    output = run(arguments)
+    tensors, metadata = read_lora(output)
+    assert metadata["refinery.base_family"] == "sdxl" and tensors
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def expect_exit(arguments: list[str], message: str, status: int = 1) -> str:
+    """Run the console entry; it must exit with ``status`` and a message containing ``message``."""
+    with pytest.raises(SystemExit) as caught:
+        trainer.main(arguments)
+    text = str(caught.value.code) if status == 1 else ""
+    if status == 1:
+        assert message in text, text
+    else:
+        assert caught.value.code == status
+    return text
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--rank", "0", "--rank must be a positive integer"),
+    ("--rank", "-4", "--rank must be a positive integer"),
+    ("--beta", "0", "--beta must be a positive"),
+    ("--beta", "-100", "--beta must be a positive"),
+    ("--resolution", "60", "multiple of 8"),
+    ("--lora-dropout", "1.5", "--lora-dropout"),
+])
+def test_bad_flags_exit_with_status_2(tmp_path, capsys, flag, value, message):
+    dataset = write_dataset(tmp_path / "data", prompts=1, k=2)
+    expect_exit(base_arguments(dataset, tmp_path / "out", flag, value), message, status=2)
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dataset_problems_are_listed_with_line_numbers_before_any_work(tmp_path):
+    dataset = write_dataset(tmp_path / "data", prompts=3, k=2)
+    lines = (dataset / "index.jsonl").read_text().splitlines()
+    one_image = json.loads(lines[0])
+    one_image["images"], one_image["win_rates"] = one_image["images"][:1], [1.0]
+    missing = json.loads(lines[1])
+    missing["images"][1] = "images/nowhere.png"
+    bad_rate = json.loads(lines[2])
+    bad_rate["win_rates"] = [1.5, 0.0]
+    (dataset / "index.jsonl").write_text("\n".join([json.dumps(one_image), json.dumps(missing), json.dumps(bad_rate),
+                                                    "{not json"]) + "\n")
+    text = expect_exit(base_arguments(dataset, tmp_path / "out"), "4 problem(s)")
+    assert "line 1: 'images' must list at least 2 image paths" in text
+    assert "line 2: images[1] 'images/nowhere.png' not found" in text
+    assert "line 3: win_rates[0] must be a number in [0, 1], got 1.5" in text
+    assert "line 4: malformed JSON" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_all_tied_dataset_is_refused(tmp_path):
+    dataset = write_dataset(tmp_path / "data", prompts=2, k=2)
+    lines = [json.loads(line) for line in (dataset / "index.jsonl").read_text().splitlines()]
+    for line in lines:
+        line["win_rates"] = [0.5, 0.5]
+    (dataset / "index.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    expect_exit(base_arguments(dataset, tmp_path / "out"), "no prompt with a preferred image")
+
+
+def test_unsupported_model_family_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    dataset = write_dataset(tmp_path / "data", prompts=2, k=2)
+    sd2 = tmp_path / "sd2.safetensors"  # an SD2.x-shaped UNet (context 1024), a few keys are enough to recognise it
+    save_file({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(8, 1024),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, str(sd2))
+    arguments = base_arguments(dataset, tmp_path / "out")
+    arguments[arguments.index("--model") + 1] = str(sd2)
+    expect_exit(arguments, "Stable Diffusion 2.x")
+    assert not (tmp_path / "out" / "rankdpo_lora.safetensors").exists()
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path):
+    dataset = write_dataset(tmp_path / "data", prompts=2, k=2)
+    (tmp_path / "out").mkdir()
+    existing = tmp_path / "out" / "rankdpo_lora.safetensors"
+    existing.write_bytes(b"keep me")
+    expect_exit(base_arguments(dataset, tmp_path / "out", "--max-train-steps", "1"), "--overwrite")
+    assert existing.read_bytes() == b"keep me"
+    run(base_arguments(dataset, tmp_path / "out", "--max-train-steps", "1", "--overwrite"))
+    assert read_lora(existing)[0]
+
+
+def test_unwritable_output_folder_is_refused_before_training(tmp_path, monkeypatch):
+    dataset = write_dataset(tmp_path / "data", prompts=2, k=2)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    expect_exit(base_arguments(dataset, blocker / "out"), "Cannot write into --output-dir")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", disk_full)
+    loaded = []
+    monkeypatch.setattr(trainer, "load_models", lambda config: loaded.append(config))
+    expect_exit(base_arguments(dataset, tmp_path / "full"), "No space left on device")
+    assert loaded == []  # refused before the model was even loaded
+    assert list((tmp_path / "full").iterdir()) == []

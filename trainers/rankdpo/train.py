@@ -1,0 +1,358 @@
+"""``refinery-train-rankdpo``: train a LoRA on an SD1.5 / SDXL model with RankDPO (rankdpo.txt eq. 7) or pairwise
+Diffusion-DPO from a Syn-Pic ranked dataset, and write it for ComfyUI (``core/lora_export.py``).
+
+One step, per prompt group of k images (Algorithm 2): encode the images with the VAE; draw one timestep t and one
+noise eps for the whole group; noise every image with them; predict with the UNet + LoRA (the policy) and with the
+same UNet with its adapters disabled (the reference, no second UNet in memory, no gradient); per-image diffusion
+scores ``s_i`` (eq. 5); the loss of ``core/rankdpo.py``. Every random draw of a micro-batch comes from a generator
+seeded by (seed, micro-batch index), so a resumed run is exactly the uninterrupted one.
+
+Output in ``--output-dir``: ``<output-name>.safetensors`` (kohya-format LoRA with true alphas and metadata),
+``training_config.json``, ``checkpoints/step-<n>`` + ``checkpoints/latest``.
+
+Example::
+
+    refinery-synpic --prompts prompts.txt --model sd15.safetensors --seeds 4 --reward hps.pt --output-dir data/synpic
+    refinery-train-rankdpo --dataset data/synpic --model sd15.safetensors --output-dir runs/rankdpo \
+        --max-train-steps 400 --train-batch-size 8 --learning-rate 1e-5 --rank 16 --gradient-checkpointing
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ...core import rankdpo
+from ...core.lora_export import export_comfyui_lora
+from ..common.accelerate_setup import make_accelerator, seed_for_step
+from ..common.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    register_trainable_state_hooks,
+    resume_point,
+    save_checkpoint,
+)
+from ..common.config import config_differences, config_to_dict, write_config
+from ..common.data import DatasetError, StepBatchSampler
+from ..common.lora import add_lora, adapters_disabled, set_gradient_checkpointing
+from ..common.model_loading import UnsupportedModelError, detect_family, load_sd_pipeline, pipeline_family
+from ..common.optim import make_optimizer, make_scheduler
+from .config import RankDPOConfig, parse_args
+from .data import RankedGroupDataset, collate, read_groups
+
+logger = logging.getLogger(__name__)
+
+NOISE_STREAM = 2
+METHOD_NAMES = {"rankdpo": "rankdpo", "dpo": "diffusion-dpo"}
+WEIGHTING = {"rankdpo": "dcg", "dpo": "uniform"}
+__all__ = ["main", "parse_args", "train", "load_models", "batch_loss", "TrainingModels", "SetupError"]
+
+
+class SetupError(ValueError):
+    """The run cannot start (model, output folder, options); the message says what to change."""
+
+
+# ------------------------------------------------------------------------------------------------ models
+@dataclass
+class TrainingModels:
+    """The pieces one step needs. ``unet`` / ``text_encoders`` are what the optimiser trains through (possibly
+    accelerate-wrapped); ``base_unet`` / ``base_text_encoders`` the plain modules (for the reference and export)."""
+
+    family: str
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    tokenizers: list
+    text_encoders: list[torch.nn.Module]
+    noise_scheduler: object
+    resolution: int
+    trains_text_encoder: bool
+    base_unet: torch.nn.Module | None = None
+    base_text_encoders: list[torch.nn.Module] | None = None
+
+    def __post_init__(self):
+        if self.base_unet is None:
+            self.base_unet = self.unet
+        if self.base_text_encoders is None:
+            self.base_text_encoders = list(self.text_encoders)
+
+
+def load_models(config: RankDPOConfig) -> TrainingModels:
+    """Load the base model offline, freeze it and add the LoRA(s). SetupError for an unsupported family or bad LoRA
+    targets (before anything is trained)."""
+    from diffusers import DDPMScheduler
+
+    try:
+        detect_family(config.model)
+        pipeline = load_sd_pipeline(config.model, config.family)
+    except (UnsupportedModelError, FileNotFoundError) as error:
+        raise SetupError(f"Cannot use --model: {error}") from error
+    family = pipeline_family(pipeline)
+    text_encoders = [pipeline.text_encoder] + ([pipeline.text_encoder_2] if family == "sdxl" else [])
+    tokenizers = [pipeline.tokenizer] + ([pipeline.tokenizer_2] if family == "sdxl" else [])
+    for module in (pipeline.vae, *text_encoders):
+        module.requires_grad_(False).eval()
+    try:
+        add_lora(pipeline.unet, rank=config.rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                 target_modules=config.target_modules, component="unet")
+        if config.train_text_encoder:
+            for name, encoder in zip(("text_encoder", "text_encoder_2"), text_encoders):
+                add_lora(encoder, rank=config.rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                         target_modules=config.text_encoder_target_modules, component=name)
+    except (ValueError, TypeError) as error:
+        raise SetupError(f"Cannot add the LoRA: {error}") from error
+    if config.gradient_checkpointing:
+        set_gradient_checkpointing(pipeline.unet, True)
+        if config.train_text_encoder:
+            for encoder in text_encoders:
+                set_gradient_checkpointing(encoder, True)
+    native = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    return TrainingModels(
+        family=family, unet=pipeline.unet, vae=pipeline.vae, tokenizers=tokenizers, text_encoders=text_encoders,
+        noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
+        resolution=config.resolution or int(native), trains_text_encoder=config.train_text_encoder,
+    )
+
+
+def encode_prompts(models: TrainingModels, prompts: list[str], device: torch.device, reference: bool = False):
+    """Text conditioning as diffusers' SD1.5 / SDXL training scripts build it.
+
+    Returns ``(hidden_states (P, 77, D), added_cond_kwargs or None)``; for SDXL the penultimate hidden states of
+    both encoders concatenated, the pooled projection of the second, and time ids (size, crop (0, 0), size).
+    reference: use the plain modules (for the reference pass inside ``adapters_disabled``)."""
+    encoders = models.base_text_encoders if reference else models.text_encoders
+    states, pooled = [], None
+    for tokenizer, encoder in zip(models.tokenizers, encoders):
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        if models.family == "sd15":
+            states.append(encoder(ids)[0])
+        else:
+            output = encoder(ids, output_hidden_states=True)
+            states.append(output.hidden_states[-2])
+            pooled = output[0]  # the last encoder's text_embeds (CLIPTextModelWithProjection)
+    hidden = torch.cat(states, dim=-1)
+    if models.family == "sd15":
+        return hidden, None
+    side = models.resolution
+    time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=hidden.dtype, device=device).repeat(len(prompts), 1)
+    return hidden, {"text_embeds": pooled, "time_ids": time_ids}
+
+
+def _expand(conditioning, index: torch.Tensor):
+    hidden, added = conditioning
+    return hidden[index], None if added is None else {key: value[index] for key, value in added.items()}
+
+
+# ------------------------------------------------------------------------------------------------ loss
+def batch_scores(models: TrainingModels, batch: dict, seed: int, micro_index: int, device: torch.device,
+                 weight_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Eq. 5 diffusion scores of every image of a micro-batch: (sum k,) float32, differentiable in the LoRA.
+
+    batch: :func:`.data.collate` output. The latents' VAE sample, each group's timestep and noise come from a
+    generator seeded by (seed, micro_index): calling this twice on the same batch draws the same t and eps."""
+    sizes = batch["group_sizes"]
+    generator = torch.Generator().manual_seed(seed_for_step(seed, micro_index, NOISE_STREAM))
+    pixels = batch["pixels"].to(device, weight_dtype)
+    vae_config = models.vae.config
+    with torch.no_grad():
+        latents = models.vae.encode(pixels).latent_dist.sample(generator=generator)
+        latents = (latents - (vae_config.get("shift_factor") or 0.0)) * vae_config.scaling_factor
+    group_count = len(sizes)
+    scheduler = models.noise_scheduler
+    group_timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (group_count,), generator=generator)
+    group_noise = torch.randn((group_count, *latents.shape[1:]), generator=generator)
+    index = torch.repeat_interleave(torch.arange(group_count), torch.tensor(sizes))  # image -> its group
+    noise = group_noise[index].to(device, latents.dtype)
+    timesteps = group_timesteps[index].to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise SetupError(f"The scheduler's prediction type {prediction_type!r} is not supported (epsilon, "
+                         f"v_prediction).")
+    index = index.to(device)
+    hidden, added = _expand(encode_prompts(models, batch["prompts"], device), index)
+    policy = models.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
+    reference_models = [models.base_unet] + (models.base_text_encoders if models.trains_text_encoder else [])
+    with torch.no_grad(), adapters_disabled(*reference_models):
+        if models.trains_text_encoder:
+            hidden, added = _expand(encode_prompts(models, batch["prompts"], device, reference=True), index)
+        reference = models.base_unet(noisy, timesteps, hidden.detach(),
+                                     added_cond_kwargs=None if added is None else
+                                     {key: value.detach() for key, value in added.items()}).sample
+    return rankdpo.diffusion_scores(rankdpo.denoising_errors(target, policy),
+                                    rankdpo.denoising_errors(target, reference))
+
+
+def batch_loss(config: RankDPOConfig, models: TrainingModels, batch: dict, micro_index: int, device: torch.device,
+               weight_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict[str, float]]:
+    """The configured loss on one micro-batch: eq. 7 (or pairwise DPO) per group, averaged over the groups.
+    Returns (scalar loss, detached statistics: loss, pair accuracy of the current scores, mean |s|)."""
+    scores = batch_scores(models, batch, config.training.seed, micro_index, device, weight_dtype)
+    losses, right, pairs = [], 0.0, 0.0
+    for group_scores, win_rates in zip(torch.split(scores, batch["group_sizes"]), batch["win_rates"]):
+        win_rates = win_rates.to(device)
+        losses.append(rankdpo.rankdpo_loss(group_scores, win_rates, config.beta, WEIGHTING[config.loss]))
+        preferred = rankdpo.preferred_pairs(win_rates)
+        pairs += float(preferred.sum())
+        right += float(((group_scores.detach().unsqueeze(-1) < group_scores.detach().unsqueeze(-2)) & preferred).sum())
+    loss = torch.stack(losses).mean()
+    stats = {"loss": float(loss.detach()), "accuracy": right / max(pairs, 1.0),
+             "score_scale": float(scores.detach().abs().mean())}
+    return loss, stats
+
+
+# ------------------------------------------------------------------------------------------------ run
+def output_path(config: RankDPOConfig) -> Path:
+    return config.training.output_dir / f"{config.output_name}.safetensors"
+
+
+def check_output(config: RankDPOConfig) -> Path:
+    """Refuse an existing LoRA file (unless --overwrite) and an output folder that cannot be written, before any
+    long work. Returns the LoRA's path."""
+    output = output_path(config)
+    if output.exists() and not config.overwrite:
+        raise SetupError(f"'{output}' already exists. Pass --overwrite to replace it, or choose another "
+                         f"--output-name / --output-dir.")
+    folder = config.training.output_dir
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise SetupError(f"Cannot write into --output-dir '{folder}' ({error.strerror or error}). Choose a writable "
+                         f"folder with free space.") from error
+    return output
+
+
+def train(config: RankDPOConfig) -> Path:
+    """Run the training described by ``config``. Dataset, output folder, checkpoint and model are checked first;
+    nothing is written before they are known good. Returns the path of the LoRA."""
+    from tqdm.auto import tqdm
+
+    training = config.training
+    groups = read_groups(config.dataset)
+    if config.loss == "dpo":
+        groups = [group.best_and_worst() for group in groups]
+    output = check_output(config)
+    resume, _ = resume_point(training.output_dir, training.resume_from, training.max_train_steps)
+    accelerator = make_accelerator(training)
+    models = load_models(config)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    device = accelerator.device
+    for module in (models.vae, *models.text_encoders, models.unet):
+        module.to(device)
+        if weight_dtype != torch.float32:
+            module.to(weight_dtype)
+    trained = [models.unet] + (models.text_encoders if config.train_text_encoder else [])
+    if weight_dtype != torch.float32:
+        from diffusers.training_utils import cast_training_params
+
+        cast_training_params(trained, dtype=torch.float32)  # LoRA weights train in float32
+    names = [[name for name, parameter in module.named_parameters() if parameter.requires_grad] for module in trained]
+    dataset = RankedGroupDataset(groups, models.resolution)
+    accumulation = training.gradient_accumulation_steps
+    try:
+        sampler = StepBatchSampler(len(groups), training.train_batch_size, training.seed, 0,
+                                   training.max_train_steps * accumulation, accelerator.num_processes,
+                                   accelerator.process_index, item_name="prompt groups")
+    except ValueError as error:
+        raise SetupError(str(error)) from error
+    optimizer = make_optimizer(torch.nn.ModuleList(trained), training)
+    scheduler = make_scheduler(optimizer, training, accelerator.num_processes)
+    prepared = accelerator.prepare(*trained, optimizer, scheduler)
+    wrapped, optimizer, scheduler = list(prepared[: len(trained)]), prepared[-2], prepared[-1]
+    models.unet = wrapped[0]
+    if config.train_text_encoder:
+        models.text_encoders = wrapped[1:]
+    for index, (module, module_names) in enumerate(zip(trained, names)):
+        file_name = "trainable_unet.safetensors" if index == 0 else f"trainable_text_encoder_{index}.safetensors"
+        register_trainable_state_hooks(accelerator, module, module_names, file_name)
+    config_dict = config_to_dict(config)
+    if accelerator.is_main_process:
+        write_config(config, training.output_dir)
+    logger.info("%d prompt groups (%d images), family %s, resolution %d, loss %s, beta %g, %d LoRA tensors",
+                len(groups), sum(len(group.images) for group in groups), models.family, models.resolution,
+                config.loss, config.beta, sum(len(module_names) for module_names in names))
+
+    step = 0
+    if resume is not None:
+        state = load_checkpoint(accelerator, resume)
+        step = int(state["step"])
+        changed = [line for line in config_differences(state.get("config", {}), config_dict)
+                   if not line.startswith(("training.resume_from", "overwrite"))]
+        if changed:
+            logger.warning("Resuming with changed options: %s", "; ".join(changed))
+    sampler.start = step * accumulation
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                        num_workers=training.dataloader_num_workers)
+    parameters = [parameter for module in trained for parameter in module.parameters() if parameter.requires_grad]
+    progress = tqdm(total=training.max_train_steps, initial=step, desc=config.loss,
+                    disable=not accelerator.is_local_main_process)
+    for module in wrapped:
+        module.train()
+    micro_index = sampler.start
+    for batch in loader:
+        with accelerator.accumulate(*wrapped):
+            with accelerator.autocast():
+                loss, stats = batch_loss(config, models, batch, micro_index, device, weight_dtype)
+            if not math.isfinite(stats["loss"]):
+                raise SetupError(f"The loss became {stats['loss']} at step {step + 1}; nothing of this step was "
+                                 f"applied. The last good checkpoint is kept in '{training.output_dir}/checkpoints' "
+                                 f"(resume from it with a lower --learning-rate or --beta).")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and training.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(parameters, training.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        micro_index += 1
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        progress.update(1)
+        progress.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.2f}")
+        if step % training.log_every == 0:
+            logger.info("step %d: %s, lr %.3g", step, ", ".join(f"{k} {v:.4g}" for k, v in stats.items()),
+                        scheduler.get_last_lr()[0])
+        if step % training.checkpointing_steps == 0:
+            save_checkpoint(accelerator, training.output_dir, step, {"config": config_dict},
+                            training.checkpoints_total_limit)
+    progress.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        text_encoders = None
+        if config.train_text_encoder:
+            component_names = ("text_encoder", "text_encoder_2")
+            text_encoders = dict(zip(component_names, models.base_text_encoders))
+        export_comfyui_lora(output, base_family=models.family, method=METHOD_NAMES[config.loss],
+                            unet=models.base_unet, text_encoders=text_encoders, training_args=config_dict,
+                            metadata={"refinery.beta": config.beta, "refinery.resolution": models.resolution,
+                                      "refinery.steps": step})
+        logger.info("Saved the LoRA to %s", output)
+    accelerator.end_training()
+    return output
+
+
+def main(input_args: list[str] | None = None) -> Path:
+    """Console entry point. Bad flags exit with status 2 (argparse); an unusable dataset, model, checkpoint or
+    output folder exits with status 1 and a message, before anything is written."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = parse_args(input_args)
+    try:
+        return train(config)
+    except (DatasetError, CheckpointError, SetupError) as error:
+        raise SystemExit(f"refinery-train-rankdpo: error: {error}") from error
+
+
+if __name__ == "__main__":
+    main()
