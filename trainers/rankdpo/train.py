@@ -51,7 +51,8 @@ logger = logging.getLogger(__name__)
 NOISE_STREAM = 2
 METHOD_NAMES = {"rankdpo": "rankdpo", "dpo": "diffusion-dpo"}
 WEIGHTING = {"rankdpo": "dcg", "dpo": "uniform"}
-__all__ = ["main", "parse_args", "train", "load_models", "batch_loss", "TrainingModels", "SetupError"]
+__all__ = ["main", "parse_args", "train", "load_models", "noisy_batch", "policy_prediction", "reference_prediction",
+           "batch_scores", "batch_loss", "TrainingModels", "NoisyBatch", "SetupError"]
 
 
 class SetupError(ValueError):
@@ -150,12 +151,25 @@ def _expand(conditioning, index: torch.Tensor):
 
 
 # ------------------------------------------------------------------------------------------------ loss
-def batch_scores(models: TrainingModels, batch: dict, seed: int, micro_index: int, device: torch.device,
-                 weight_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Eq. 5 diffusion scores of every image of a micro-batch: (sum k,) float32, differentiable in the LoRA.
+@dataclass
+class NoisyBatch:
+    """One micro-batch ready for the UNet: ``noisy`` (N, C, h, w) latents at ``timesteps`` (N,), the prediction
+    ``target`` (eps, or v for v-prediction models), the conditioning per image, and ``group_index`` (N,) image -> its
+    prompt group. N = sum of the group sizes."""
 
-    batch: :func:`.data.collate` output. The latents' VAE sample, each group's timestep and noise come from a
-    generator seeded by (seed, micro_index): calling this twice on the same batch draws the same t and eps."""
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    hidden: torch.Tensor
+    added: dict | None
+    group_index: torch.Tensor
+
+
+def noisy_batch(models: TrainingModels, batch: dict, seed: int, micro_index: int, device: torch.device,
+                weight_dtype: torch.dtype = torch.float32) -> NoisyBatch:
+    """Encode a micro-batch (:func:`.data.collate` output) and noise it with one timestep and one noise per prompt
+    group (Algorithm 2). The VAE sample, the timesteps and the noise come from a generator seeded by
+    (seed, micro_index): the same call draws the same t and eps."""
     sizes = batch["group_sizes"]
     generator = torch.Generator().manual_seed(seed_for_step(seed, micro_index, NOISE_STREAM))
     pixels = batch["pixels"].to(device, weight_dtype)
@@ -181,16 +195,36 @@ def batch_scores(models: TrainingModels, batch: dict, seed: int, micro_index: in
                          f"v_prediction).")
     index = index.to(device)
     hidden, added = _expand(encode_prompts(models, batch["prompts"], device), index)
-    policy = models.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
+    return NoisyBatch(noisy, timesteps, target, hidden, added, index)
+
+
+def policy_prediction(models: TrainingModels, noisy: NoisyBatch) -> torch.Tensor:
+    """The UNet + LoRA prediction (differentiable in the LoRA): (N, C, h, w)."""
+    return models.unet(noisy.noisy, noisy.timesteps, noisy.hidden, added_cond_kwargs=noisy.added).sample
+
+
+@torch.no_grad()
+def reference_prediction(models: TrainingModels, noisy: NoisyBatch, prompts: list[str]) -> torch.Tensor:
+    """The reference prediction: the same UNet (and text encoders) with every adapter disabled, no gradient."""
     reference_models = [models.base_unet] + (models.base_text_encoders if models.trains_text_encoder else [])
-    with torch.no_grad(), adapters_disabled(*reference_models):
+    hidden, added = noisy.hidden, noisy.added
+    with adapters_disabled(*reference_models):
         if models.trains_text_encoder:
-            hidden, added = _expand(encode_prompts(models, batch["prompts"], device, reference=True), index)
-        reference = models.base_unet(noisy, timesteps, hidden.detach(),
-                                     added_cond_kwargs=None if added is None else
-                                     {key: value.detach() for key, value in added.items()}).sample
-    return rankdpo.diffusion_scores(rankdpo.denoising_errors(target, policy),
-                                    rankdpo.denoising_errors(target, reference))
+            hidden, added = _expand(encode_prompts(models, prompts, noisy.noisy.device, reference=True),
+                                    noisy.group_index)
+        return models.base_unet(noisy.noisy, noisy.timesteps, hidden.detach(), added_cond_kwargs=None if added is None
+                                else {key: value.detach() for key, value in added.items()}).sample
+
+
+def batch_scores(models: TrainingModels, batch: dict, seed: int, micro_index: int, device: torch.device,
+                 weight_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Eq. 5 diffusion scores of every image of a micro-batch: (sum k,) float32, differentiable in the LoRA.
+    Calling this twice with the same (seed, micro_index) uses the same t and eps (:func:`noisy_batch`)."""
+    noisy = noisy_batch(models, batch, seed, micro_index, device, weight_dtype)
+    policy = policy_prediction(models, noisy)
+    reference = reference_prediction(models, noisy, batch["prompts"])
+    return rankdpo.diffusion_scores(rankdpo.denoising_errors(noisy.target, policy),
+                                    rankdpo.denoising_errors(noisy.target, reference))
 
 
 def batch_loss(config: RankDPOConfig, models: TrainingModels, batch: dict, micro_index: int, device: torch.device,
