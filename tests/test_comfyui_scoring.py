@@ -4,8 +4,6 @@ win rates equal the Syn-Pic formula, and bad inputs fail clearly without breakin
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch

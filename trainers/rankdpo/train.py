@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,9 +39,16 @@ from ..common.checkpoint import (
 )
 from ..common.config import config_differences, config_to_dict, write_config
 from ..common.data import DatasetError, StepBatchSampler
-from ..common.lora import add_lora, adapters_disabled, set_gradient_checkpointing
-from ..common.model_loading import UnsupportedModelError, detect_family, load_sd_pipeline, pipeline_family
+from ..common.lora import adapters_disabled
 from ..common.optim import make_optimizer, make_scheduler
+from ..common.sd_models import (
+    SetupError,
+    TrainingModels,
+    check_output,
+    encode_prompts,
+    load_models,
+)
+from ..common.sd_models import expand_conditioning as _expand
 from .config import RankDPOConfig, parse_args
 from .data import RankedGroupDataset, collate, read_groups
 
@@ -53,101 +59,6 @@ METHOD_NAMES = {"rankdpo": "rankdpo", "dpo": "diffusion-dpo"}
 WEIGHTING = {"rankdpo": "dcg", "dpo": "uniform"}
 __all__ = ["main", "parse_args", "train", "load_models", "noisy_batch", "policy_prediction", "reference_prediction",
            "batch_scores", "batch_loss", "TrainingModels", "NoisyBatch", "SetupError"]
-
-
-class SetupError(ValueError):
-    """The run cannot start (model, output folder, options); the message says what to change."""
-
-
-# ------------------------------------------------------------------------------------------------ models
-@dataclass
-class TrainingModels:
-    """The pieces one step needs. ``unet`` / ``text_encoders`` are what the optimiser trains through (possibly
-    accelerate-wrapped); ``base_unet`` / ``base_text_encoders`` the plain modules (for the reference and export)."""
-
-    family: str
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    tokenizers: list
-    text_encoders: list[torch.nn.Module]
-    noise_scheduler: object
-    resolution: int
-    trains_text_encoder: bool
-    base_unet: torch.nn.Module | None = None
-    base_text_encoders: list[torch.nn.Module] | None = None
-
-    def __post_init__(self):
-        if self.base_unet is None:
-            self.base_unet = self.unet
-        if self.base_text_encoders is None:
-            self.base_text_encoders = list(self.text_encoders)
-
-
-def load_models(config: RankDPOConfig) -> TrainingModels:
-    """Load the base model offline, freeze it and add the LoRA(s). SetupError for an unsupported family or bad LoRA
-    targets (before anything is trained)."""
-    from diffusers import DDPMScheduler
-
-    try:
-        detect_family(config.model)
-        pipeline = load_sd_pipeline(config.model, config.family)
-    except (UnsupportedModelError, FileNotFoundError) as error:
-        raise SetupError(f"Cannot use --model: {error}") from error
-    family = pipeline_family(pipeline)
-    text_encoders = [pipeline.text_encoder] + ([pipeline.text_encoder_2] if family == "sdxl" else [])
-    tokenizers = [pipeline.tokenizer] + ([pipeline.tokenizer_2] if family == "sdxl" else [])
-    for module in (pipeline.vae, *text_encoders):
-        module.requires_grad_(False).eval()
-    try:
-        add_lora(pipeline.unet, rank=config.rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                 target_modules=config.target_modules, component="unet")
-        if config.train_text_encoder:
-            for name, encoder in zip(("text_encoder", "text_encoder_2"), text_encoders):
-                add_lora(encoder, rank=config.rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                         target_modules=config.text_encoder_target_modules, component=name)
-    except (ValueError, TypeError) as error:
-        raise SetupError(f"Cannot add the LoRA: {error}") from error
-    if config.gradient_checkpointing:
-        set_gradient_checkpointing(pipeline.unet, True)
-        if config.train_text_encoder:
-            for encoder in text_encoders:
-                set_gradient_checkpointing(encoder, True)
-    native = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    return TrainingModels(
-        family=family, unet=pipeline.unet, vae=pipeline.vae, tokenizers=tokenizers, text_encoders=text_encoders,
-        noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
-        resolution=config.resolution or int(native), trains_text_encoder=config.train_text_encoder,
-    )
-
-
-def encode_prompts(models: TrainingModels, prompts: list[str], device: torch.device, reference: bool = False):
-    """Text conditioning as diffusers' SD1.5 / SDXL training scripts build it.
-
-    Returns ``(hidden_states (P, 77, D), added_cond_kwargs or None)``; for SDXL the penultimate hidden states of
-    both encoders concatenated, the pooled projection of the second, and time ids (size, crop (0, 0), size).
-    reference: use the plain modules (for the reference pass inside ``adapters_disabled``)."""
-    encoders = models.base_text_encoders if reference else models.text_encoders
-    states, pooled = [], None
-    for tokenizer, encoder in zip(models.tokenizers, encoders):
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
-        if models.family == "sd15":
-            states.append(encoder(ids)[0])
-        else:
-            output = encoder(ids, output_hidden_states=True)
-            states.append(output.hidden_states[-2])
-            pooled = output[0]  # the last encoder's text_embeds (CLIPTextModelWithProjection)
-    hidden = torch.cat(states, dim=-1)
-    if models.family == "sd15":
-        return hidden, None
-    side = models.resolution
-    time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=hidden.dtype, device=device).repeat(len(prompts), 1)
-    return hidden, {"text_embeds": pooled, "time_ids": time_ids}
-
-
-def _expand(conditioning, index: torch.Tensor):
-    hidden, added = conditioning
-    return hidden[index], None if added is None else {key: value[index] for key, value in added.items()}
 
 
 # ------------------------------------------------------------------------------------------------ loss
@@ -246,28 +157,6 @@ def batch_loss(config: RankDPOConfig, models: TrainingModels, batch: dict, micro
 
 
 # ------------------------------------------------------------------------------------------------ run
-def output_path(config: RankDPOConfig) -> Path:
-    return config.training.output_dir / f"{config.output_name}.safetensors"
-
-
-def check_output(config: RankDPOConfig) -> Path:
-    """Refuse an existing LoRA file (unless --overwrite) and an output folder that cannot be written, before any
-    long work. Returns the LoRA's path."""
-    output = output_path(config)
-    if output.exists() and not config.overwrite:
-        raise SetupError(f"'{output}' already exists. Pass --overwrite to replace it, or choose another "
-                         f"--output-name / --output-dir.")
-    folder = config.training.output_dir
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise SetupError(f"Cannot write into --output-dir '{folder}' ({error.strerror or error}). Choose a writable "
-                         f"folder with free space.") from error
-    return output
-
-
 def train(config: RankDPOConfig) -> Path:
     """Run the training described by ``config``. Dataset, output folder, checkpoint and model are checked first;
     nothing is written before they are known good. Returns the path of the LoRA."""
