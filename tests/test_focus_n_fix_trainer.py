@@ -1,0 +1,297 @@
+"""refinery-train-focus-n-fix on the committed tiny SD pipeline (benchmarks/toyworld/models/tiny-sd): an end-to-end
+run with exact resume, DRaFT-K's truncation (gradients only through the last K steps, only into the LoRA), the
+regional constraint at work with a large beta, both region functions, and bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from comfyui_refinery.core.focus_n_fix import NotDifferentiableError
+from comfyui_refinery.trainers.common.lora import lora_parameters
+from comfyui_refinery.trainers.common.sd_models import load_models
+from comfyui_refinery.trainers.focus_n_fix import train as trainer
+from comfyui_refinery.trainers.focus_n_fix.config import parse_args
+from safetensors import safe_open
+
+PACK_ROOT = Path(__file__).resolve().parent.parent
+TOY_MODELS = PACK_ROOT / "benchmarks" / "toyworld" / "models"
+TINY_SD = TOY_MODELS / "tiny-sd"
+TOY_CLIP = TOY_MODELS / "toy-clip.safetensors"
+PROMPTS = ["a small red circle on a plain grey background", "a large blue square on a plain black background",
+           "a small green star on a plain grey background", "a large red triangle on a plain black background"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class RednessReward(torch.nn.Module):
+    """A differentiable toy reward: minus the mean red excess of the picture (B,). Lower where pixels are red."""
+
+    name = "toy-redness"
+    uses_prompts = False
+
+    def score(self, images, prompts=None, differentiable=False):
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            red = images[..., 0] - 0.5 * (images[..., 1] + images[..., 2])
+            return -10 * torch.relu(red).mean(dim=(1, 2))
+
+
+def write_prompts(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "prompts.txt"
+    path.write_text("# toy prompts\n" + "\n".join(PROMPTS) + "\n")
+    return path
+
+
+def arguments(prompts: Path, output: Path, *extra: str) -> list[str]:
+    return ["--prompts", str(prompts), "--model", str(TINY_SD), "--reward", str(TOY_CLIP), "--reward-kind",
+            "clip-score", "--output-dir", str(output), "--threads", "1", "--sampling-steps", "4", "--truncate-k", "2",
+            "--guidance-scale", "3", "--train-batch-size", "2", "--learning-rate", "1e-3", "--lr-warmup-steps", "0",
+            *extra]
+
+
+def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), "pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
+
+
+def test_a_run_writes_a_comfyui_lora_and_mask_samples_and_resume_is_exact(tmp_path, monkeypatch):
+    prompts = write_prompts(tmp_path)
+    straight = trainer.train(parse_args(arguments(prompts, tmp_path / "straight", "--max-train-steps", "3",
+                                                  "--checkpointing-steps", "100")))
+    tensors, metadata = read_lora(straight)
+    assert straight.name == "focus_n_fix_lora.safetensors"
+    assert tensors and all(key.startswith("lora_unet_") for key in tensors)
+    assert metadata["refinery.method"] == "focus-n-fix" and metadata["refinery.base_family"] == "sd15"
+    assert metadata["refinery.truncate_k"] == "2" and metadata["refinery.reward"] == "toy-clip"
+    assert json.loads(metadata["refinery.training_args"])["region"] == "saliency"
+    assert any(value.abs().max() > 0 for key, value in tensors.items() if key.endswith("lora_up.weight"))
+    assert (tmp_path / "straight" / "masks" / "step-000001.png").is_file()
+
+    # killed during step 3 (checkpoint at 2), resumed: the same LoRA bit for bit
+    original = trainer.training_step
+
+    def killed_at_step_three(config, models, reward, region, prompts, micro_index, *args):
+        if micro_index == 2:
+            raise KeyboardInterrupt
+        return original(config, models, reward, region, prompts, micro_index, *args)
+
+    resumed_dir = tmp_path / "resumed"
+    monkeypatch.setattr(trainer, "training_step", killed_at_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(parse_args(arguments(prompts, resumed_dir, "--max-train-steps", "3",
+                                           "--checkpointing-steps", "2")))
+    assert not (resumed_dir / "focus_n_fix_lora.safetensors").exists()
+    monkeypatch.setattr(trainer, "training_step", original)
+    resumed = trainer.train(parse_args(arguments(prompts, resumed_dir, "--max-train-steps", "3",
+                                                 "--checkpointing-steps", "2", "--resume-from", "latest")))
+    resumed_tensors, _ = read_lora(resumed)
+    assert resumed_tensors.keys() == tensors.keys()
+    for key in tensors:
+        assert torch.equal(resumed_tensors[key], tensors[key]), key
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fnf-models")
+    config = parse_args(arguments(write_prompts(folder), folder / "out", "--sampling-steps", "5",
+                                  "--no-gradient-checkpointing"))
+    torch.manual_seed(0)  # the LoRA's random down-projections
+    return config, load_models(config)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("truncate_k", [1, 2, 4])
+def test_gradients_flow_only_through_the_last_k_steps_and_only_into_the_lora(tiny_models, truncate_k):
+    config, models = tiny_models
+    config = type(config)(**{**config.__dict__, "truncate_k": truncate_k, "beta": 0.5})
+    unet = models.base_unet
+    calls = []
+    handle = unet.register_forward_hook(lambda module, inputs, output: calls.append(torch.is_grad_enabled()))
+    # one LoRA layer: how many times does gradient flow back through it?
+    lora_layer = next(module for name, module in unet.named_modules() if name.endswith("to_q.lora_A.default"))
+    backward_calls = []
+    backward_handle = lora_layer.register_full_backward_hook(lambda *args: backward_calls.append(1))
+    try:
+        unet.zero_grad(set_to_none=True)
+        result = trainer.training_step(config, models, trainer.reward_function(RednessReward()),
+                                       lambda images, prompts: torch.ones(images.shape[:3]), PROMPTS[:2], 0,
+                                       torch.device("cpu"))
+        result.loss.backward()
+    finally:
+        handle.remove()
+        backward_handle.remove()
+    steps = config.sampling_steps
+    # reference: every step without gradient; policy: N - K steps without, the last K with (one CFG-batched call each)
+    assert calls == [False] * steps + [False] * (steps - truncate_k) + [True] * truncate_k
+    assert len(backward_calls) == truncate_k
+    trainable = set(map(id, lora_parameters(unet)))
+    for name, parameter in unet.named_parameters():
+        if id(parameter) in trainable:
+            assert parameter.requires_grad, name
+        else:
+            assert not parameter.requires_grad and parameter.grad is None, name
+    lora_up = [parameter for name, parameter in unet.named_parameters() if "lora_B" in name]
+    assert any(parameter.grad is not None and parameter.grad.abs().max() > 0 for parameter in lora_up)
+    # the reference and the mask carry no graph
+    assert not result.reference.requires_grad and not result.mask.requires_grad
+    unet.zero_grad(set_to_none=True)
+
+
+def test_a_large_beta_pulls_the_image_back_to_the_reference_outside_the_mask(tiny_models):
+    """From a LoRA that moved the picture away from the base model's, gradient steps on J with a huge beta bring the
+    picture back towards the reference outside the mask, step after step.
+
+    Steps along the normalised gradient with the step length that maximises J among a few (a line search). The
+    sampled picture is a very non-linear function of the LoRA (4 guided denoising steps): a step of 0.01 in
+    parameter norm already overshoots, so the lengths tried are small. The constraint is a norm, not a squared
+    norm, so its gradient keeps its size near I_hat = I_0 and a fixed-rate optimiser (SGD, Adam) would hover around
+    the reference at a distance set by the rate."""
+    config, models = tiny_models
+    unet = models.base_unet
+    initial = {name: parameter.detach().clone() for name, parameter in unet.named_parameters() if "lora_" in name}
+    half_mask = torch.zeros(2, 64, 64)
+    half_mask[:, :, :32] = 1  # the left half is "problematic"
+    run_config = type(config)(**{**config.__dict__, "beta": 1e4, "sampling_steps": 4, "truncate_k": 4})
+    parameters = lora_parameters(unet)
+
+    def step_result():
+        return trainer.training_step(run_config, models, trainer.reward_function(RednessReward()),
+                                     lambda images, prompts: half_mask.clone(), PROMPTS[:2], 0, torch.device("cpu"))
+
+    def outside(result) -> float:  # the constraint: ||(1 - M) (I_0 - I_hat)||_F, mean over the batch
+        return result.stats["constraint"]
+
+    try:
+        with torch.no_grad():
+            for name, parameter in unet.named_parameters():
+                if "lora_B" in name:
+                    parameter.copy_(0.02 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+        result = step_result()
+        distances = [outside(result)]
+        for _ in range(4):
+            unet.zero_grad(set_to_none=True)
+            result.loss.backward()
+            gradient = [parameter.grad.clone() for parameter in parameters]
+            norm = torch.sqrt(sum(g.square().sum() for g in gradient))
+            start = [parameter.detach().clone() for parameter in parameters]
+            trials = []
+            for length in (1e-2, 3e-3, 1e-3, 3e-4, 1e-4):
+                with torch.no_grad():
+                    for parameter, origin, g in zip(parameters, start, gradient):
+                        parameter.copy_(origin - length * g / norm)
+                    trial = step_result()
+                trials.append((float(trial.loss), length))
+            best = min(trials)[1]
+            with torch.no_grad():
+                for parameter, origin, g in zip(parameters, start, gradient):
+                    parameter.copy_(origin - best * g / norm)
+            result = step_result()
+            distances.append(outside(result))
+    finally:
+        unet.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, parameter in unet.named_parameters():
+                if name in initial:
+                    parameter.copy_(initial[name])
+    assert distances[0] > 0.1  # the perturbed LoRA moved the picture
+    assert all(later < earlier for earlier, later in zip(distances, distances[1:])), distances
+    assert distances[-1] < 0.93 * distances[0], distances
+
+
+def test_quality_map_regions_and_the_region_flags(tmp_path):
+    prompts = write_prompts(tmp_path)
+    lora = trainer.train(parse_args(arguments(prompts, tmp_path / "maps", "--max-train-steps", "1", "--region",
+                                              "quality-maps", "--quality-clip", str(TOY_CLIP),
+                                              "--quality-prompts", str(TOY_MODELS / "toy-quality-prompts.safetensors"),
+                                              "--mask-samples", "2")))
+    _, metadata = read_lora(lora)
+    args = json.loads(metadata["refinery.training_args"])
+    assert args["region"] == "quality-maps" and args["region_settings"]["normalization"] == "none"
+    assert (tmp_path / "maps" / "masks" / "step-000001.png").is_file()
+
+
+def test_beta_zero_is_draft_and_masks_that_come_out_empty_or_full_warn_and_continue(tmp_path, caplog):
+    prompts = write_prompts(tmp_path)
+    config = parse_args(arguments(prompts, tmp_path / "empty", "--max-train-steps", "2", "--mask-samples", "0"))
+    with caplog.at_level(logging.WARNING):
+        trainer.train(config, reward=RednessReward(), region_function=lambda images, prompts: torch.zeros(
+            images.shape[:3]))
+    assert "masks are empty" in caplog.text and "covers the whole image" in caplog.text
+    caplog.clear()
+    config = parse_args(arguments(prompts, tmp_path / "full", "--max-train-steps", "1", "--region", "full"))
+    with caplog.at_level(logging.WARNING):
+        trainer.train(config, reward=RednessReward())
+    assert "masks are full" in caplog.text and "plain DRaFT" in caplog.text
+    draft = trainer.train(parse_args(arguments(prompts, tmp_path / "draft", "--max-train-steps", "1", "--beta", "0")),
+                          reward=RednessReward())
+    assert read_lora(draft)[1]["refinery.method"] == "draft-k"
+
+
+def test_a_reward_without_gradient_is_refused_by_name_before_the_model_loads(tmp_path, monkeypatch):
+    class Thresholded(RednessReward):
+        name = "thresholded-redness"
+
+        def score(self, images, prompts=None, differentiable=False):
+            return (images[..., 0] > 0.5).float().mean(dim=(1, 2))
+
+    monkeypatch.setattr(trainer, "load_models", lambda config: pytest.fail("the model was loaded"))
+    config = parse_args(arguments(write_prompts(tmp_path), tmp_path / "out", "--max-train-steps", "1"))
+    with pytest.raises(NotDifferentiableError, match="'thresholded-redness' is not differentiable"):
+        trainer.train(config, reward=Thresholded())
+    assert not (tmp_path / "out" / "focus_n_fix_lora.safetensors").exists()
+
+
+def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    class NanAtStepThree(RednessReward):
+        calls = 0
+
+        def score(self, images, prompts=None, differentiable=False):
+            value = super().score(images, prompts, differentiable)
+            if images.grad_fn is not None:  # a generated picture (not the saliency or differentiability probes)
+                type(self).calls += 1
+                if type(self).calls == 3:
+                    return value * float("nan")
+            return value
+
+    output = tmp_path / "out"
+    config = parse_args(arguments(write_prompts(tmp_path), output, "--max-train-steps", "4", "--checkpointing-steps",
+                                  "2"))
+    with pytest.raises(trainer.SetupError, match="at step 3") as error:
+        trainer.train(config, reward=NanAtStepThree())
+    assert "last good checkpoint" in str(error.value)
+    assert (output / "checkpoints" / "step-2").is_dir()
+    assert not (output / "focus_n_fix_lora.safetensors").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--truncate-k", "5"], "--truncate-k must be between 1 and --sampling-steps"),
+    (["--truncate-k", "0"], "--truncate-k must be between 1"),
+    (["--beta", "-1"], "--beta must be a finite number >= 0"),
+    (["--region", "quality-maps"], "needs --quality-clip"),
+    (["--mask-threshold", "2"], "threshold must be in"),
+    (["--guidance-scale", "0.5"], "--guidance-scale must be >= 1"),
+])
+def test_bad_flags_exit_with_status_2_and_name_the_flag(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(arguments(write_prompts(tmp_path), tmp_path / "out", *extra))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_existing_lora_is_refused_unless_overwrite(tmp_path):
+    prompts = write_prompts(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "focus_n_fix_lora.safetensors").write_bytes(b"keep me")
+    with pytest.raises(SystemExit, match="already exists"):
+        trainer.main(arguments(prompts, tmp_path / "out", "--max-train-steps", "1"))
+    assert (tmp_path / "out" / "focus_n_fix_lora.safetensors").read_bytes() == b"keep me"
