@@ -42,19 +42,27 @@ def trained_lora(comfy_harness, sd15_checkpoint, sd15_models, tmp_path_factory):
 
 
 def test_trained_lora_loads_in_comfyui_and_equals_the_merged_weights(comfy_harness, sd15_models, trained_lora):
+    assert_exact_in_comfyui(sd15_models, trained_lora, "rankdpo")
+
+
+def assert_exact_in_comfyui(sd15_models, lora_path, method: str) -> None:
+    """The LoRA file at ``lora_path`` (in ComfyUI's loras folder) loads with LoraLoaderModelOnly with zero
+    "lora key not loaded", one patch per module, and equals the hand-merged diffusers UNet at strength 1.0; the
+    weight delta halves at 0.5."""
     import nodes
 
     torch.set_num_threads(2)
-    tensors, metadata = read_lora(trained_lora)
-    assert metadata["refinery.method"] == "rankdpo" and metadata["refinery.base_family"] == "sd15"
+    lora_name = lora_path.name
+    tensors, metadata = read_lora(lora_path)
+    assert metadata["refinery.method"] == method and metadata["refinery.base_family"] == "sd15"
     assert metadata["refinery.alpha"] == "2" and metadata["refinery.rank"] == "4"
     modules = {key.rsplit(".", 1)[0] for key in tensors if key.endswith(".alpha")}
     assert modules and all(key.startswith("lora_unet_") for key in tensors)
 
     (model,) = nodes.UNETLoader().load_unet(sd15_models["unet"], "default")
     with _Records() as records:
-        (model_full,) = nodes.LoraLoaderModelOnly().load_lora_model_only(model, LORA_NAME, 1.0)
-        (model_half,) = nodes.LoraLoaderModelOnly().load_lora_model_only(model, LORA_NAME, 0.5)
+        (model_full,) = nodes.LoraLoaderModelOnly().load_lora_model_only(model, lora_name, 1.0)
+        (model_half,) = nodes.LoraLoaderModelOnly().load_lora_model_only(model, lora_name, 0.5)
     assert records.not_loaded() == []
     assert len(model_full.patches) == len(modules)
 
