@@ -6,6 +6,10 @@ the G-Refine two-stage refiner (core/refine_plan.py + core/diffusers_refiner.py)
 picture and scores the refined pictures again, and writes a picture grid (image | P over the picture | A over the
 picture | mask Bi(1-P+A) | refined | ground truth) and a short markdown report (p and a before and after) into an
 output folder, which it prints. ``--no-refine`` skips the refiner.
+
+Refined models: when LoRAs trained by the benchmarks are shipped in ``models/loras/`` (``demo_finetuned.py``), the
+base tiny-sd and each LoRA draw the same held-out captions from the same noise; ``finetuned.png`` shows them side by
+side and the report adds their mean toy rewards. ``--no-finetuned`` skips this part.
 """
 
 from __future__ import annotations
@@ -43,7 +47,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--refine-steps", type=int, default=10,
                         help="refiner steps of both stages together (n1 + n2; the paper uses 20)")
     parser.add_argument("--no-refine", action="store_true", help="only the quality maps, no refiner")
+    parser.add_argument("--finetuned", type=int, default=4,
+                        help="captions drawn by the base model and each shipped LoRA (0: skip that part)")
+    parser.add_argument("--no-finetuned", dest="finetuned", action="store_const", const=0,
+                        help="skip the shipped-LoRA comparison")
     args = parser.parse_args(argv)
+    if args.finetuned < 0:
+        parser.error(f"--finetuned must be >= 0, got {args.finetuned}")
     if args.generated < 0 or args.defective < 0 or args.generated + args.defective == 0:
         parser.error("--generated and --defective must be >= 0 and not both 0")
     if args.steps < 1 or args.refine_steps < 1:
@@ -175,7 +185,7 @@ def main(argv=None) -> Path:
     logging.basicConfig(level=logging.WARNING)
     start = time.time()
     torch.manual_seed(args.seed)
-    pipeline = load_tiny_pipeline() if args.generated or not args.no_refine else None
+    pipeline = load_tiny_pipeline() if args.generated or not args.no_refine or args.finetuned else None
     images, captions, truths, notes = collect_pictures(args, pipeline)
 
     encoder = load_quality_clip(data.TOY_CLIP_CHECKPOINT)
@@ -222,6 +232,15 @@ def main(argv=None) -> Path:
             f"picture, strength {settings.global_strength}) with the tiny pipeline, {args.refine_steps} steps in all, "
             f"guidance {GUIDANCE}, the plain caption as prompt; p and a refined: the maps computed again on the "
             f"refined picture.")
+    if args.finetuned:
+        from .demo_finetuned import finetuned_comparison
+
+        titles, model_rows, lines = finetuned_comparison(pipeline, args.finetuned, args.steps, GUIDANCE, args.seed)
+        if model_rows:
+            write_grid([[enlarge(picture) for picture in row] for row in model_rows],
+                       [f"{index}: same noise for every model" for index in range(len(model_rows))],
+                       args.output / "finetuned.png", tuple(titles))
+            report += [""] + lines
     report += [f"Ran in {time.time() - start:.1f} s.", ""]
     write_text_atomically("\n".join(report), args.output / "report.md")
     print(f"Wrote {args.output.resolve()}/grid.png and report.md")

@@ -77,7 +77,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> 
     group.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default=base["lr_scheduler"],
                        help="cosine decay to 0 after the warm-up, or constant after it")
     group.add_argument("--lr-warmup-steps", type=int, default=None,
-                       help=f"linear warm-up steps (default {DEFAULT_WARMUP_FRACTION:.0%} of --max-train-steps)")
+                       help=f"linear warm-up steps (default {DEFAULT_WARMUP_FRACTION:.0%}% of --max-train-steps)")
     group.add_argument("--checkpointing-steps", type=int, default=base["checkpointing_steps"],
                        help="save a resumable checkpoint into <output-dir>/checkpoints/step-<n> every N steps")
     group.add_argument("--checkpoints-total-limit", type=int, default=base["checkpoints_total_limit"],

@@ -1,0 +1,132 @@
+"""Toy-world rewards for the preference benchmarks, with the reward interface of ``core/rewards``
+(``name``, ``score(images (B, H, W, 3) float in [0, 1], prompts) -> (B,)``, ``.to(device)``).
+
+- :func:`toy_clip_score`: CLIPScore on the shipped toy-clip (``core/rewards`` loader, kind "clip-score"): alignment.
+- :class:`ToyQualityReward`: the G-Refine perceptual score p (PQ-Map, eq. 3) of toy-clip with the shipped learned
+  quality prompts: perceptual quality, prompt-free.
+- :class:`AttributeJudge`: a GenEval-like judge, not a learned model: for a single-object caption on a plain
+  background ("a small red circle on a plain grey background") it finds the object's pixels and scores 0.5 for the
+  right colour plus 0.5 for the right shape (``train_tiny_sd.classify_object``); in {0, 0.5, 1}. Used as the reward
+  *not* used in training.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+from ...core import pq_map
+from ...core.clip_surgery import load_quality_clip
+from ...core.rewards.loading import load_reward_model
+from . import data, scenes
+
+
+def toy_clip_score():
+    """CLIPScore (100 * max(cos, 0)) of the shipped toy-clip, loaded like any user's reward file."""
+    return load_reward_model(data.TOY_CLIP_CHECKPOINT, "clip-score", architecture="auto")
+
+
+class ToyQualityReward(torch.nn.Module):
+    """p of g-refine.txt eq. 3 (``core/pq_map.perceptual_quality``) on toy-clip with the learned toy prompts: (B,)
+    in [0, 1], higher = fewer perceptual defects. Prompt-free (prompts are accepted and ignored)."""
+
+    uses_prompts = False
+
+    def __init__(self):
+        super().__init__()
+        from .train_prompts import load_alpha
+
+        self.name = "toy-quality-p"
+        self.encoder = load_quality_clip(data.TOY_CLIP_CHECKPOINT)
+        with torch.no_grad():
+            self.register_buffer("prompt_features", pq_map.encode_quality_prompts(
+                self.encoder, pq_map.load_prompt_embeddings(data.TOY_PROMPTS)))
+        self.alpha = load_alpha(data.TOY_PROMPTS)
+
+    def to(self, *args, **kwargs):
+        self.encoder.model.to(*args, **kwargs)
+        return super().to(*args, **kwargs)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts=None, differentiable: bool = False) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] == 0:
+            raise ValueError(f"images must be (B, H, W, 3) with B >= 1, got {tuple(images.shape)}.")
+        features = self.encoder.encode_image(images.float())
+        quality = pq_map.perceptual_quality(features, self.prompt_features, self.encoder.logit_scale, self.alpha)
+        return quality.score.float()
+
+
+_PLAIN_CAPTION = re.compile(r"^an? (?:small |large )?(\w+) (\w+?)s? on a plain (\w+) background$")
+
+
+def parse_single_object_caption(caption: str) -> tuple[str, str, str]:
+    """(colour, shape, background colour) of a single-object, plain-background toy caption; ValueError otherwise."""
+    found = _PLAIN_CAPTION.match(caption.strip())
+    if not found or found[1] not in scenes.COLOURS or found[2] not in scenes.SHAPES \
+            or found[3] not in scenes.BACKGROUND_COLOURS:
+        raise ValueError(f"Not a single-object plain-background toy caption: {caption!r}")
+    return found[1], found[2], found[3]
+
+
+class AttributeJudge(torch.nn.Module):
+    """0.5 * (colour right) + 0.5 * (shape right) of the one object a plain-background caption asks for: (B,)."""
+
+    uses_prompts = True
+
+    def __init__(self):
+        super().__init__()
+        self.name = "attribute-judge"
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts, differentiable: bool = False) -> torch.Tensor:
+        from .train_tiny_sd import classify_object
+
+        prompts = [prompts] * images.shape[0] if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images.")
+        pictures = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        scores = []
+        for picture, caption in zip(pictures, prompts):
+            colour, shape, background = parse_single_object_caption(caption)
+            found_colour, found_shape = classify_object(np.ascontiguousarray(picture),
+                                                        scenes.BACKGROUND_COLOURS[background][0])
+            scores.append(0.5 * (found_colour == colour) + 0.5 * (found_shape == shape))
+        return torch.tensor(scores, dtype=torch.float32)
+
+
+def single_object_captions(count: int, seed_offset: int, colours: tuple[str, ...] | None = None) -> list[str]:
+    """``count`` distinct-seeded single-object, plain-background captions (the kind tiny-sd was measured on); only
+    objects of ``colours`` when given."""
+    rng = np.random.default_rng(seed_offset)
+    captions = []
+    while len(captions) < count:
+        scene = scenes.sample_scene(rng, 64, max_groups=1)
+        if scene.background == "plain" and scene.objects[0].count == 1 and (
+                colours is None or scene.objects[0].colour in colours):
+            captions.append(scenes.caption(scene))
+    return captions
+
+
+class RedContentReward(torch.nn.Module):
+    """A localisable "defect" reward for Focus-N-Fix, the toy counterpart of the paper's content classifiers
+    (over-sexualisation, violence): red pixels are the defect. ``r = -100 * mean over pixels of
+    exp(-||pixel - red||^2 / (2 * 0.25^2))`` with red the toy world's (220, 30, 30): (B,) in [-100, 0], 0 = no red;
+    differentiable, so its saliency |dr/dI| finds the red regions. Prompt-free."""
+
+    uses_prompts = False
+
+    def __init__(self, width: float = 0.25):
+        super().__init__()
+        self.name = "red-content"
+        self.width = width
+        self.register_buffer("red", torch.tensor(scenes.COLOURS["red"], dtype=torch.float32) / 255)
+
+    def score(self, images: torch.Tensor, prompts=None, differentiable: bool = False) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] == 0:
+            raise ValueError(f"images must be (B, H, W, 3) with B >= 1, got {tuple(images.shape)}.")
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            distance = (images.float() - self.red.to(images.device)).square().sum(dim=-1)  # (B, H, W)
+            redness = torch.exp(-distance / (2 * self.width**2))
+            return -100 * redness.flatten(1).mean(dim=1)
