@@ -12,6 +12,7 @@ import torch
 from comfyui_refinery.trainers.synpic import generators as synpic_generators
 from comfyui_refinery.trainers.synpic import run as synpic
 from PIL import Image
+from safetensors import safe_open
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
 MODELS = PACK_ROOT / "benchmarks" / "toyworld" / "models"
@@ -216,3 +217,45 @@ def test_unwritable_output_folder(prompts_file, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(SystemExit, match="Cannot write into --output-dir"):
         synpic.main(arguments(prompts_file, blocker / "out"))
+
+
+def _lora_variants(tmp_path: Path) -> dict[str, Path]:
+    """A shipped tiny-sd LoRA relabelled as SDXL, one with other layer shapes (another base model's), and a pickle
+    with a .safetensors name."""
+    from safetensors.torch import load_file, save_file
+
+    shipped = MODELS / "loras" / "rankdpo.safetensors"
+    with safe_open(str(shipped), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(shipped))
+    variants = {"sdxl": tmp_path / "sdxl-lora.safetensors", "shapes": tmp_path / "other-base.safetensors",
+                "pickle": tmp_path / "pickled.safetensors"}
+    save_file(tensors, str(variants["sdxl"]), metadata={**metadata, "refinery.base_family": "sdxl"})
+    wider = {key: torch.zeros(value.shape[0], 2 * value.shape[1]) if key.endswith("lora_down.weight") else value
+             for key, value in tensors.items()}
+    save_file(wider, str(variants["shapes"]))
+    torch.save(tensors, variants["pickle"])
+    return variants
+
+
+@pytest.mark.parametrize("variant, message", [
+    ("sdxl", "was trained for sdxl, but the model is sd15"),
+    ("shapes", "layers have other shapes than the model's"),
+    ("pickle", "is not a readable safetensors file"),
+])
+def test_a_lora_of_another_base_model_is_refused_clearly(prompts_file, tmp_path, variant, message):
+    from comfyui_refinery.trainers.common.lora import LoraMismatchError
+    from comfyui_refinery.trainers.synpic.generators import load_generator
+
+    lora = _lora_variants(tmp_path)[variant]
+    spec = tmp_path / "generators.json"
+    spec.write_text(json.dumps([{"name": "base"}, {"name": "tuned", "lora": str(lora)}]))
+    if variant != "shapes":  # refused before anything is drawn or written
+        with pytest.raises(SystemExit, match=message):
+            synpic.main(arguments(prompts_file, tmp_path / "out", "--generators", str(spec)))
+        assert not (tmp_path / "out").exists()
+    from comfyui_refinery.trainers.synpic.config import GeneratorSpec
+
+    with pytest.raises(LoraMismatchError, match=message) as caught:
+        load_generator(GeneratorSpec(name="tuned", model=TINY_SD, lora=lora), torch.device("cpu"), torch.float32)
+    assert lora.name in str(caught.value)

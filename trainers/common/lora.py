@@ -168,3 +168,57 @@ def set_gradient_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
     else:
         raise TypeError(f"{type(model).__name__} supports no gradient checkpointing (not a diffusers or "
                         f"transformers model).")
+
+
+class LoraMismatchError(ValueError):
+    """A LoRA file that cannot go on this model (another base model, not a LoRA, not safetensors)."""
+
+
+def check_lora_file(path, family: str) -> dict[str, str]:
+    """Refuse, before any long work, a LoRA file that is not safetensors (e.g. a pickled ``.ckpt`` renamed) or
+    whose Refinery metadata names another base family than ``family`` ("sd15" / "sdxl"):
+    :class:`LoraMismatchError`. Returns the file's metadata."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise LoraMismatchError(f"The LoRA '{path}' is not a readable safetensors file ({error}); pickled .ckpt/.pt "
+                                f"files are not loaded (they can run code): convert it to .safetensors.") from None
+    trained_for = metadata.get("refinery.base_family")
+    if trained_for and trained_for != family:
+        raise LoraMismatchError(f"The LoRA '{path.name}' was trained for {trained_for}, but the model is {family}: "
+                                f"use a LoRA trained on this base model.")
+    return metadata
+
+
+def load_lora_into_pipeline(pipeline, path, adapter_name: str) -> None:
+    """``pipeline.load_lora_weights(path)`` with the failures users meet turned into one clear message
+    (:class:`LoraMismatchError`): :func:`check_lora_file`'s, and a LoRA whose layers have other shapes than the
+    model's or whose modules the model does not have (trained for another base model). Nothing stays loaded after
+    a failure."""
+    from pathlib import Path
+
+    from .model_loading import pipeline_family
+
+    path = Path(path)
+    family = pipeline_family(pipeline)
+    check_lora_file(path, family)
+    try:
+        pipeline.load_lora_weights(str(path), adapter_name=adapter_name)
+    except (RuntimeError, ValueError, KeyError) as error:
+        pipeline.unload_lora_weights()
+        text = str(error)
+        mismatches = [line.strip() for line in text.splitlines() if "size mismatch" in line]
+        if mismatches:
+            detail = f"{len(mismatches)} layers have other shapes than the model's, e.g. {mismatches[0]}"
+        elif "not found" in text or "NoMatching" in type(error).__name__:
+            detail = "its layers are not in the model"
+        else:
+            detail = text.splitlines()[0][:300]
+        raise LoraMismatchError(f"The LoRA '{path.name}' does not fit this {family} model: {detail}. It was probably "
+                                f"trained for another base model; use a LoRA of this one.") from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..common.accelerate_setup import seed_for_step
+from ..common.lora import load_lora_into_pipeline
 from ..common.model_loading import load_sd_pipeline
 from .config import GeneratorSpec
 
@@ -27,7 +28,7 @@ def load_generator(spec: GeneratorSpec, device: torch.device, dtype: torch.dtype
     if spec.scheduler is not None:
         pipeline.scheduler = getattr(diffusers, spec.scheduler).from_config(pipeline.scheduler.config)
     if spec.lora is not None:
-        pipeline.load_lora_weights(str(spec.lora), adapter_name="synpic")
+        load_lora_into_pipeline(pipeline, spec.lora, "synpic")
         pipeline.fuse_lora(lora_scale=spec.lora_scale, adapter_names=["synpic"])
         pipeline.unload_lora_weights()  # the fused weights stay; the adapter layers go
     pipeline.set_progress_bar_config(disable=True)

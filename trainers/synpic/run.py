@@ -40,6 +40,8 @@ import torch
 from ...core.reward_aggregation import syn_pic_win_rates
 from ..common.atomic import atomic_write_json, atomic_write_text
 from ..common.config import config_to_dict
+from ..common.lora import LoraMismatchError, check_lora_file
+from ..common.model_loading import UnsupportedModelError, detect_family
 from .config import CONFIG_FILE, SynPicConfig, parse_args
 from .generators import draw, load_generator, native_size, picture_seed
 
@@ -243,6 +245,12 @@ def build_dataset(config: SynPicConfig, reward_models: Sequence | None = None) -
             reward_models = [load_reward_model(path, kind) for path, kind in config.rewards]
         except (FileNotFoundError, ValueError) as error:
             raise SynPicError(f"Cannot load a reward model: {error}") from error
+    for spec in config.generators:
+        if spec.lora is not None:
+            try:
+                check_lora_file(spec.lora, detect_family(spec.model))
+            except (LoraMismatchError, UnsupportedModelError, FileNotFoundError) as error:
+                raise SynPicError(f"Generator '{spec.name}': {error}") from error
     names = [reward.name for reward in reward_models]
     if len(set(names)) != len(names):
         raise SynPicError(f"Reward names must be distinct (they key the scores), got {names}: rename the files.")
@@ -264,7 +272,7 @@ def main(input_args: list[str] | None = None) -> Path:
     config = parse_args(input_args)
     try:
         index = build_dataset(config)
-    except SynPicError as error:
+    except (SynPicError, LoraMismatchError) as error:
         raise SystemExit(f"refinery-synpic: error: {error}") from error
     print(f"Wrote {index}")
     return index
