@@ -141,6 +141,7 @@ def comfy_server(comfyui_dir, sd15_checkpoint, comfy_harness, tmp_path_factory):
     link_file(sd15_checkpoint, server.models_dir / "checkpoints")
     for path in sorted((comfy_harness.models_dir / "quality_clip").glob("tiny-vit.*")):
         link_file(path, server.models_dir / "quality_clip")
+        link_file(path, server.models_dir / "reward_models")  # the CLIPScore reward of select_best
     _write_input_images(server.input_dir)
     server.start()
     yield server

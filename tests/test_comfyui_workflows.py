@@ -27,11 +27,15 @@ TEST_VALUES = {  # input name -> value available in the test ComfyUI (conftest.p
     "height": 64,
     "steps": 2,
     "total_steps": 2,
+    "model": "tiny-vit.safetensors",  # the reward loader's file (links elsewhere are skipped)
+    "kind": "clip-score",
+    "batch_size": 2,
 }
 EXPECTED = {  # every shipped workflow must be here: the features it covers
     "quality_maps_api": "PQ/AQ maps and the refine mask of a loaded image",
     "refine_generated_api": "generate -> maps -> plan -> masked stage -> global stage -> save",
     "refine_image_api": "load image -> G-Refine (soft mask) -> save",
+    "select_best_api": "generate a batch -> score with a reward -> rank, keep the best -> save",
 }
 
 
