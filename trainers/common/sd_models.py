@@ -146,3 +146,84 @@ def check_output(config) -> Path:
 def output_path(config) -> Path:
     """``<output-dir>/<output-name>.safetensors``."""
     return config.training.output_dir / f"{config.output_name}.safetensors"
+
+
+# ------------------------------------------------------------------------------------------------ training set-up
+@dataclass
+class PreparedTraining:
+    """What a LoRA trainer's loop needs after :func:`prepare_lora_training`: ``trained`` (the plain modules with
+    LoRA weights: the UNet, then the text encoders when trained), ``wrapped`` (the same, accelerate-prepared, to
+    run and ``accumulate``), the prepared ``optimizer`` / ``scheduler``, the trainable tensors' ``names`` per module,
+    the trainable ``parameters`` (for clipping) and the ``weight_dtype`` the frozen weights run in."""
+
+    trained: list
+    wrapped: list
+    optimizer: object
+    scheduler: object
+    names: list
+    parameters: list
+    weight_dtype: torch.dtype
+
+
+def prepare_lora_training(config, models: TrainingModels, accelerator) -> PreparedTraining:
+    """Move the models to the accelerator's device (frozen weights in the mixed-precision dtype, LoRA weights kept
+    in float32), build AdamW + the schedule (``optim.py``), ``accelerator.prepare`` them, point ``models.unet`` /
+    ``models.text_encoders`` at the wrapped modules and register the checkpoint hooks that save only the LoRA
+    tensors (``checkpoint.py``)."""
+    from .checkpoint import register_trainable_state_hooks
+    from .optim import make_optimizer, make_scheduler
+
+    training = config.training
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for module in (models.vae, *models.text_encoders, models.unet):
+        module.to(accelerator.device)
+        if weight_dtype != torch.float32:
+            module.to(weight_dtype)
+    trained = [models.unet] + (list(models.text_encoders) if config.train_text_encoder else [])
+    if weight_dtype != torch.float32:
+        from diffusers.training_utils import cast_training_params
+
+        cast_training_params(trained, dtype=torch.float32)  # LoRA weights train in float32
+    names = [[name for name, parameter in module.named_parameters() if parameter.requires_grad] for module in trained]
+    optimizer = make_optimizer(torch.nn.ModuleList(trained), training)
+    scheduler = make_scheduler(optimizer, training, accelerator.num_processes)
+    prepared = accelerator.prepare(*trained, optimizer, scheduler)
+    wrapped, optimizer, scheduler = list(prepared[: len(trained)]), prepared[-2], prepared[-1]
+    models.unet = wrapped[0]
+    if config.train_text_encoder:
+        models.text_encoders = wrapped[1:]
+    for index, (module, module_names) in enumerate(zip(trained, names)):
+        file_name = "trainable_unet.safetensors" if index == 0 else f"trainable_text_encoder_{index}.safetensors"
+        register_trainable_state_hooks(accelerator, module, module_names, file_name)
+    parameters = [parameter for module in trained for parameter in module.parameters() if parameter.requires_grad]
+    return PreparedTraining(trained, wrapped, optimizer, scheduler, names, parameters, weight_dtype)
+
+
+def resume_training(accelerator, checkpoint, config_dict: dict) -> int:
+    """Load ``checkpoint`` (None: a fresh run) into the prepared objects; warn about options that differ from the
+    checkpoint's run. Returns the optimiser step to continue from."""
+    import logging
+
+    from .checkpoint import load_checkpoint
+    from .config import config_differences
+
+    if checkpoint is None:
+        return 0
+    state = load_checkpoint(accelerator, checkpoint)
+    changed = [line for line in config_differences(state.get("config", {}), config_dict)
+               if not line.startswith(("training.resume_from", "overwrite"))]
+    if changed:
+        logging.getLogger(__name__).warning("Resuming with changed options: %s", "; ".join(changed))
+    return int(state["step"])
+
+
+def export_trained_lora(output: Path, config, models: TrainingModels, method: str, config_dict: dict,
+                        metadata: dict) -> Path:
+    """Write the LoRA(s) of ``models`` for ComfyUI and diffusers (``core/lora_export.py``), atomically."""
+    from ...core.lora_export import export_comfyui_lora
+
+    text_encoders = None
+    if config.train_text_encoder:
+        text_encoders = dict(zip(("text_encoder", "text_encoder_2"), models.base_text_encoders))
+    return export_comfyui_lora(output, base_family=models.family, method=method, unet=models.base_unet,
+                               text_encoders=text_encoders, training_args=config_dict, metadata=metadata)

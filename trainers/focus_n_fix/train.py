@@ -33,21 +33,26 @@ from torch.utils.data import DataLoader
 
 from ...core import focus_n_fix
 from ...core.focus_n_fix import NotDifferentiableError
-from ...core.lora_export import export_comfyui_lora
 from ...core.visualize import heatmap_overlay
 from ..common.accelerate_setup import make_accelerator, seed_for_step
 from ..common.checkpoint import (
     CheckpointError,
-    load_checkpoint,
-    register_trainable_state_hooks,
     resume_point,
     save_checkpoint,
 )
-from ..common.config import config_differences, config_to_dict, write_config
+from ..common.config import config_to_dict, write_config
 from ..common.data import DatasetError, StepBatchSampler
 from ..common.lora import adapters_disabled, set_gradient_checkpointing
-from ..common.sd_models import SetupError, TrainingModels, check_output, encode_prompts, load_models
-from ..common.optim import make_optimizer, make_scheduler
+from ..common.sd_models import (
+    SetupError,
+    TrainingModels,
+    check_output,
+    encode_prompts,
+    export_trained_lora,
+    load_models,
+    prepare_lora_training,
+    resume_training,
+)
 from .config import FocusNFixConfig, parse_args
 
 logger = logging.getLogger(__name__)
@@ -317,17 +322,6 @@ def train(config: FocusNFixConfig, reward=None, region_function: Callable | None
     models = load_models(config)
     if config.gradient_checkpointing:
         set_gradient_checkpointing(models.vae, True)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module in (models.vae, *models.text_encoders, models.unet):
-        module.to(device)
-        if weight_dtype != torch.float32:
-            module.to(weight_dtype)
-    trained = [models.unet] + (models.text_encoders if config.train_text_encoder else [])
-    if weight_dtype != torch.float32:
-        from diffusers.training_utils import cast_training_params
-
-        cast_training_params(trained, dtype=torch.float32)
-    names = [[name for name, parameter in module.named_parameters() if parameter.requires_grad] for module in trained]
     accumulation = training.gradient_accumulation_steps
     try:
         sampler = StepBatchSampler(len(prompts), training.train_batch_size, training.seed, 0,
@@ -335,16 +329,9 @@ def train(config: FocusNFixConfig, reward=None, region_function: Callable | None
                                    accelerator.process_index, item_name="prompts")
     except ValueError as error:
         raise SetupError(str(error)) from error
-    optimizer = make_optimizer(torch.nn.ModuleList(trained), training)
-    scheduler = make_scheduler(optimizer, training, accelerator.num_processes)
-    prepared = accelerator.prepare(*trained, optimizer, scheduler)
-    wrapped, optimizer, scheduler = list(prepared[: len(trained)]), prepared[-2], prepared[-1]
-    models.unet = wrapped[0]
-    if config.train_text_encoder:
-        models.text_encoders = wrapped[1:]
-    for index, (module, module_names) in enumerate(zip(trained, names)):
-        file_name = "trainable_unet.safetensors" if index == 0 else f"trainable_text_encoder_{index}.safetensors"
-        register_trainable_state_hooks(accelerator, module, module_names, file_name)
+    prepared = prepare_lora_training(config, models, accelerator)
+    wrapped, optimizer, scheduler = prepared.wrapped, prepared.optimizer, prepared.scheduler
+    weight_dtype, parameters = prepared.weight_dtype, prepared.parameters
     config_dict = config_to_dict(config) | {"reward_name": reward_name}
     if accelerator.is_main_process:
         write_config(config, training.output_dir)
@@ -352,17 +339,9 @@ def train(config: FocusNFixConfig, reward=None, region_function: Callable | None
                 len(prompts), models.family, models.resolution, reward_name, config.beta, config.truncate_k,
                 config.sampling_steps, config.region)
 
-    step = 0
-    if resume is not None:
-        state = load_checkpoint(accelerator, resume)
-        step = int(state["step"])
-        changed = [line for line in config_differences(state.get("config", {}), config_dict)
-                   if not line.startswith(("training.resume_from", "overwrite"))]
-        if changed:
-            logger.warning("Resuming with changed options: %s", "; ".join(changed))
+    step = resume_training(accelerator, resume, config_dict)
     sampler.start = step * accumulation
     loader = DataLoader(prompts, batch_sampler=sampler, collate_fn=list, num_workers=training.dataloader_num_workers)
-    parameters = [parameter for module in trained for parameter in module.parameters() if parameter.requires_grad]
     progress = tqdm(total=training.max_train_steps, initial=step, desc="focus-n-fix" if config.beta else "draft",
                     disable=not accelerator.is_local_main_process)
     for module in wrapped:
@@ -406,14 +385,10 @@ def train(config: FocusNFixConfig, reward=None, region_function: Callable | None
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        text_encoders = None
-        if config.train_text_encoder:
-            text_encoders = dict(zip(("text_encoder", "text_encoder_2"), models.base_text_encoders))
-        export_comfyui_lora(output, base_family=models.family, method="focus-n-fix" if config.beta else "draft-k",
-                            unet=models.base_unet, text_encoders=text_encoders, training_args=config_dict,
-                            metadata={"refinery.beta": config.beta, "refinery.truncate_k": config.truncate_k,
-                                      "refinery.reward": reward_name, "refinery.resolution": models.resolution,
-                                      "refinery.steps": step})
+        export_trained_lora(output, config, models, "focus-n-fix" if config.beta else "draft-k", config_dict,
+                            {"refinery.beta": config.beta, "refinery.truncate_k": config.truncate_k,
+                             "refinery.reward": reward_name, "refinery.resolution": models.resolution,
+                             "refinery.steps": step})
         logger.info("Saved the LoRA to %s", output)
     accelerator.end_training()
     return output

@@ -28,25 +28,24 @@ import torch
 from torch.utils.data import DataLoader
 
 from ...core import rankdpo
-from ...core.lora_export import export_comfyui_lora
 from ..common.accelerate_setup import make_accelerator, seed_for_step
 from ..common.checkpoint import (
     CheckpointError,
-    load_checkpoint,
-    register_trainable_state_hooks,
     resume_point,
     save_checkpoint,
 )
-from ..common.config import config_differences, config_to_dict, write_config
+from ..common.config import config_to_dict, write_config
 from ..common.data import DatasetError, StepBatchSampler
 from ..common.lora import adapters_disabled
-from ..common.optim import make_optimizer, make_scheduler
 from ..common.sd_models import (
     SetupError,
     TrainingModels,
     check_output,
     encode_prompts,
+    export_trained_lora,
     load_models,
+    prepare_lora_training,
+    resume_training,
 )
 from ..common.sd_models import expand_conditioning as _expand
 from .config import RankDPOConfig, parse_args
@@ -170,18 +169,7 @@ def train(config: RankDPOConfig) -> Path:
     resume, _ = resume_point(training.output_dir, training.resume_from, training.max_train_steps)
     accelerator = make_accelerator(training)
     models = load_models(config)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
-    for module in (models.vae, *models.text_encoders, models.unet):
-        module.to(device)
-        if weight_dtype != torch.float32:
-            module.to(weight_dtype)
-    trained = [models.unet] + (models.text_encoders if config.train_text_encoder else [])
-    if weight_dtype != torch.float32:
-        from diffusers.training_utils import cast_training_params
-
-        cast_training_params(trained, dtype=torch.float32)  # LoRA weights train in float32
-    names = [[name for name, parameter in module.named_parameters() if parameter.requires_grad] for module in trained]
     dataset = RankedGroupDataset(groups, models.resolution)
     accumulation = training.gradient_accumulation_steps
     try:
@@ -190,35 +178,20 @@ def train(config: RankDPOConfig) -> Path:
                                    accelerator.process_index, item_name="prompt groups")
     except ValueError as error:
         raise SetupError(str(error)) from error
-    optimizer = make_optimizer(torch.nn.ModuleList(trained), training)
-    scheduler = make_scheduler(optimizer, training, accelerator.num_processes)
-    prepared = accelerator.prepare(*trained, optimizer, scheduler)
-    wrapped, optimizer, scheduler = list(prepared[: len(trained)]), prepared[-2], prepared[-1]
-    models.unet = wrapped[0]
-    if config.train_text_encoder:
-        models.text_encoders = wrapped[1:]
-    for index, (module, module_names) in enumerate(zip(trained, names)):
-        file_name = "trainable_unet.safetensors" if index == 0 else f"trainable_text_encoder_{index}.safetensors"
-        register_trainable_state_hooks(accelerator, module, module_names, file_name)
+    prepared = prepare_lora_training(config, models, accelerator)
+    wrapped, optimizer, scheduler = prepared.wrapped, prepared.optimizer, prepared.scheduler
+    weight_dtype, parameters = prepared.weight_dtype, prepared.parameters
     config_dict = config_to_dict(config)
     if accelerator.is_main_process:
         write_config(config, training.output_dir)
     logger.info("%d prompt groups (%d images), family %s, resolution %d, loss %s, beta %g, %d LoRA tensors",
                 len(groups), sum(len(group.images) for group in groups), models.family, models.resolution,
-                config.loss, config.beta, sum(len(module_names) for module_names in names))
+                config.loss, config.beta, sum(len(module_names) for module_names in prepared.names))
 
-    step = 0
-    if resume is not None:
-        state = load_checkpoint(accelerator, resume)
-        step = int(state["step"])
-        changed = [line for line in config_differences(state.get("config", {}), config_dict)
-                   if not line.startswith(("training.resume_from", "overwrite"))]
-        if changed:
-            logger.warning("Resuming with changed options: %s", "; ".join(changed))
+    step = resume_training(accelerator, resume, config_dict)
     sampler.start = step * accumulation
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                         num_workers=training.dataloader_num_workers)
-    parameters = [parameter for module in trained for parameter in module.parameters() if parameter.requires_grad]
     progress = tqdm(total=training.max_train_steps, initial=step, desc=config.loss,
                     disable=not accelerator.is_local_main_process)
     for module in wrapped:
@@ -253,14 +226,9 @@ def train(config: RankDPOConfig) -> Path:
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        text_encoders = None
-        if config.train_text_encoder:
-            component_names = ("text_encoder", "text_encoder_2")
-            text_encoders = dict(zip(component_names, models.base_text_encoders))
-        export_comfyui_lora(output, base_family=models.family, method=METHOD_NAMES[config.loss],
-                            unet=models.base_unet, text_encoders=text_encoders, training_args=config_dict,
-                            metadata={"refinery.beta": config.beta, "refinery.resolution": models.resolution,
-                                      "refinery.steps": step})
+        export_trained_lora(output, config, models, METHOD_NAMES[config.loss], config_dict,
+                            {"refinery.beta": config.beta, "refinery.resolution": models.resolution,
+                             "refinery.steps": step})
         logger.info("Saved the LoRA to %s", output)
     accelerator.end_training()
     return output
