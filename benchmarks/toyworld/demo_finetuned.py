@@ -30,7 +30,9 @@ def generate_with(pipeline, captions: list[str], steps: int, guidance: float, se
     """(N, 64, 64, 3) pictures in [0, 1], caption i from generator seed ``seed + i``, with ``lora`` loaded (then
     unloaded) when given."""
     if lora is not None:
-        pipeline.load_lora_weights(str(lora), adapter_name=lora.stem.replace("-", "_"))
+        from ...trainers.common.lora import load_lora_into_pipeline
+
+        load_lora_into_pipeline(pipeline, lora, lora.stem.replace("-", "_"))
     try:
         generators = [torch.Generator().manual_seed(seed + index) for index in range(len(captions))]
         images = pipeline(captions, num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,

@@ -20,7 +20,7 @@ from .lora import add_lora, set_gradient_checkpointing
 from .model_loading import UnsupportedModelError, detect_family, load_sd_pipeline, pipeline_family
 
 __all__ = ["SetupError", "TrainingModels", "load_models", "encode_prompts", "expand_conditioning", "output_path",
-           "check_output"]
+           "check_output", "PreparedTraining", "prepare_lora_training", "resume_training", "export_trained_lora"]
 
 
 class SetupError(ValueError):
@@ -121,8 +121,6 @@ def expand_conditioning(conditioning, index: torch.Tensor):
     """Rows ``index`` of an :func:`encode_prompts` result (one prompt per group -> one row per image)."""
     hidden, added = conditioning
     return hidden[index], None if added is None else {key: value[index] for key, value in added.items()}
-
-
 
 
 def check_output(config) -> Path:
