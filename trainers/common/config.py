@@ -178,3 +178,47 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
         elif a != b:
             names.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return names
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser, *, output_name: str, gradient_checkpointing: bool,
+                       checkpointing_help: str, text_encoder_help: str = "also train a LoRA on the text encoder(s)",
+                       rank_help: str = "LoRA rank r >= 1") -> None:
+    """The LoRA and output flags every LoRA trainer shares (``--rank``, ``--lora-alpha``, ``--lora-dropout``, target
+    modules, ``--train-text-encoder``, ``--gradient-checkpointing``, ``--output-name``, ``--overwrite``); checked by
+    :func:`check_lora_arguments`. gradient_checkpointing: the default (True: a ``--no-...`` flag turns it off)."""
+    from .lora import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES
+
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--rank", type=int, default=8, help=rank_help)
+    lora.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    lora.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout in [0, 1)")
+    lora.add_argument("--target-modules", nargs="+", default=list(UNET_TARGET_MODULES),
+                      help="UNet module name suffixes that get a LoRA")
+    lora.add_argument("--train-text-encoder", action="store_true", help=text_encoder_help)
+    lora.add_argument("--text-encoder-target-modules", nargs="+", default=list(TEXT_ENCODER_TARGET_MODULES))
+    if gradient_checkpointing:
+        lora.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                          help=checkpointing_help)
+    else:
+        lora.add_argument("--gradient-checkpointing", action="store_true", help=checkpointing_help)
+    output = parser.add_argument_group("output")
+    output.add_argument("--output-name", default=output_name,
+                        help="file name (no extension) of the LoRA in --output-dir")
+    output.add_argument("--overwrite", action="store_true", help="replace an existing <output-name>.safetensors")
+
+
+def check_lora_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``parser.error`` for a bad value of :func:`add_lora_arguments`' flags or of ``--resolution``."""
+    import os
+
+    if args.rank < 1:
+        parser.error(f"--rank must be a positive integer, got {args.rank}.")
+    if args.lora_alpha is not None and not args.lora_alpha > 0:
+        parser.error(f"--lora-alpha must be positive, got {args.lora_alpha}.")
+    if not 0 <= args.lora_dropout < 1:
+        parser.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}.")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        parser.error(f"--resolution must be a positive multiple of 8, got {args.resolution}.")
+    name = args.output_name
+    if not name or os.sep in name or "/" in name or name.startswith(".") or name.endswith(".safetensors"):
+        parser.error(f"--output-name must be a plain file name without folders or extension, got {name!r}.")

@@ -9,13 +9,18 @@ it weighs a Frobenius norm of pixel differences in [0, 1] against the reward's o
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...core.focus_n_fix import NORMALIZATIONS, RegionSettings
 from ...core.rewards.loading import REWARD_KINDS
-from ..common.config import TrainingConfig, add_training_arguments, training_config_from_args
+from ..common.config import (
+    TrainingConfig,
+    add_lora_arguments,
+    add_training_arguments,
+    check_lora_arguments,
+    training_config_from_args,
+)
 from ..common.lora import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES
 
 REGIONS = ("saliency", "quality-maps", "full")
@@ -131,18 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     region.add_argument("--dilation", type=int, default=defaults.dilation, help="dilation radius in pixels at 512 px")
     region.add_argument("--mask-samples", type=int, default=4,
                         help="images saved to <output-dir>/masks/ at step 1 and at every checkpoint (0: none)")
-    lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--rank", type=int, default=8, help="LoRA rank r >= 1 (paper: 64)")
-    lora.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
-    lora.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout in [0, 1)")
-    lora.add_argument("--target-modules", nargs="+", default=list(UNET_TARGET_MODULES))
-    lora.add_argument("--train-text-encoder", action="store_true", help="also train a LoRA on the text encoder(s)")
-    lora.add_argument("--text-encoder-target-modules", nargs="+", default=list(TEXT_ENCODER_TARGET_MODULES))
-    lora.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                      help="recompute UNet and VAE-decoder activations in the backward pass (default on)")
-    output = parser.add_argument_group("output")
-    output.add_argument("--output-name", default="focus_n_fix_lora")
-    output.add_argument("--overwrite", action="store_true", help="replace an existing <output-name>.safetensors")
+    add_lora_arguments(parser, output_name="focus_n_fix_lora", gradient_checkpointing=True,
+                       checkpointing_help="recompute UNet and VAE-decoder activations in the backward pass (default "
+                       "on)", rank_help="LoRA rank r >= 1 (paper: 64)")
     add_training_arguments(parser, learning_rate=1e-4, weight_decay=1e-2, train_batch_size=2, max_train_steps=1000,
                            checkpointing_steps=100)
     return parser
@@ -166,14 +162,7 @@ def parse_args(input_args: list[str] | None = None) -> FocusNFixConfig:
         parser.error(f"--guidance-scale must be >= 1 (1 = no classifier-free guidance), got {args.guidance_scale}.")
     if not 0 <= args.eta <= 1:
         parser.error(f"--eta must be in [0, 1], got {args.eta}.")
-    if args.rank < 1:
-        parser.error(f"--rank must be a positive integer, got {args.rank}.")
-    if args.lora_alpha is not None and not args.lora_alpha > 0:
-        parser.error(f"--lora-alpha must be positive, got {args.lora_alpha}.")
-    if not 0 <= args.lora_dropout < 1:
-        parser.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}.")
-    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
-        parser.error(f"--resolution must be a positive multiple of 8, got {args.resolution}.")
+    check_lora_arguments(args, parser)
     if args.mask_samples < 0:
         parser.error(f"--mask-samples must be >= 0, got {args.mask_samples}.")
     for flag, path in (("--prompts", args.prompts), ("--model", args.model), ("--reward", args.reward),
@@ -194,9 +183,6 @@ def parse_args(input_args: list[str] | None = None) -> FocusNFixConfig:
                                          max_regions=args.max_regions, dilation=args.dilation)
     except ValueError as error:
         parser.error(f"bad mask option: {error}")
-    name = args.output_name
-    if not name or os.sep in name or "/" in name or name.startswith(".") or name.endswith(".safetensors"):
-        parser.error(f"--output-name must be a plain file name without folders or extension, got {name!r}.")
     return FocusNFixConfig(
         prompts=args.prompts, model=args.model, reward=args.reward, training=training, reward_kind=args.reward_kind,
         family=args.family, beta=args.beta, truncate_k=args.truncate_k, sampling_steps=args.sampling_steps,
@@ -207,5 +193,5 @@ def parse_args(input_args: list[str] | None = None) -> FocusNFixConfig:
         rank=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         target_modules=tuple(args.target_modules), train_text_encoder=args.train_text_encoder,
         text_encoder_target_modules=tuple(args.text_encoder_target_modules),
-        gradient_checkpointing=args.gradient_checkpointing, output_name=name, overwrite=args.overwrite,
+        gradient_checkpointing=args.gradient_checkpointing, output_name=args.output_name, overwrite=args.overwrite,
     )

@@ -7,12 +7,17 @@ attention projections, AdamW lr 1e-5 with 5 % warm-up and cosine decay, batch of
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...core.rankdpo import DEFAULT_BETA
-from ..common.config import TrainingConfig, add_training_arguments, training_config_from_args
+from ..common.config import (
+    TrainingConfig,
+    add_lora_arguments,
+    add_training_arguments,
+    check_lora_arguments,
+    training_config_from_args,
+)
 from ..common.lora import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES
 
 LOSSES = ("rankdpo", "dpo")
@@ -78,21 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--beta", type=float, default=DEFAULT_BETA,
                         help="KL strength on core/rankdpo.py's scale: 0.5 x Diffusion-DPO's beta_dpo (its SD1.5 / "
                         "SDXL 5000 is 2500 here)")
-    lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--rank", type=int, default=8, help="LoRA rank r >= 1")
-    lora.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
-    lora.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout in [0, 1)")
-    lora.add_argument("--target-modules", nargs="+", default=list(UNET_TARGET_MODULES),
-                      help="UNet module name suffixes that get a LoRA")
-    lora.add_argument("--train-text-encoder", action="store_true",
-                      help="also train a LoRA on the text encoder(s) (the reference disables it too)")
-    lora.add_argument("--text-encoder-target-modules", nargs="+", default=list(TEXT_ENCODER_TARGET_MODULES))
-    lora.add_argument("--gradient-checkpointing", action="store_true",
-                      help="recompute UNet activations in the backward pass: less memory, about 30 %% slower")
-    output = parser.add_argument_group("output")
-    output.add_argument("--output-name", default="rankdpo_lora",
-                        help="file name (no extension) of the LoRA in --output-dir")
-    output.add_argument("--overwrite", action="store_true", help="replace an existing <output-name>.safetensors")
+    add_lora_arguments(parser, output_name="rankdpo_lora", gradient_checkpointing=False,
+                       checkpointing_help="recompute UNet activations in the backward pass: less memory, about 30 %% "
+                       "slower", text_encoder_help="also train a LoRA on the text encoder(s) (the reference disables "
+                       "it too)")
     add_training_arguments(parser, learning_rate=1e-5, weight_decay=1e-2, train_batch_size=4,
                            max_train_steps=1000, checkpointing_steps=250)
     return parser
@@ -105,25 +99,15 @@ def parse_args(input_args: list[str] | None = None) -> RankDPOConfig:
     parser = build_parser()
     args = parser.parse_args(input_args)
     training = training_config_from_args(args, parser)
-    if args.rank < 1:
-        parser.error(f"--rank must be a positive integer, got {args.rank}.")
-    if args.lora_alpha is not None and not args.lora_alpha > 0:
-        parser.error(f"--lora-alpha must be positive, got {args.lora_alpha}.")
-    if not 0 <= args.lora_dropout < 1:
-        parser.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}.")
+    check_lora_arguments(args, parser)
     if not args.beta > 0 or args.beta == float("inf"):
         parser.error(f"--beta must be a positive finite number, got {args.beta} (Diffusion-DPO's range for SD1.5 / "
                      f"SDXL is 1000-2500 on this scale).")
-    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
-        parser.error(f"--resolution must be a positive multiple of 8, got {args.resolution}.")
     if not (args.dataset.is_file() or (args.dataset / INDEX_FILE).is_file()):
         parser.error(f"--dataset '{args.dataset}' is neither a .jsonl file nor a folder holding {INDEX_FILE} (make one "
                      f"with refinery-synpic).")
     if not args.model.exists():
         parser.error(f"--model '{args.model}' does not exist: pass a diffusers folder or a single-file checkpoint.")
-    name = args.output_name
-    if not name or os.sep in name or "/" in name or name.startswith(".") or name.endswith(".safetensors"):
-        parser.error(f"--output-name must be a plain file name without folders or extension, got {name!r}.")
     return RankDPOConfig(
         dataset=args.dataset,
         model=args.model,
@@ -139,6 +123,6 @@ def parse_args(input_args: list[str] | None = None) -> RankDPOConfig:
         train_text_encoder=args.train_text_encoder,
         text_encoder_target_modules=tuple(args.text_encoder_target_modules),
         gradient_checkpointing=args.gradient_checkpointing,
-        output_name=name,
+        output_name=args.output_name,
         overwrite=args.overwrite,
     )
