@@ -204,3 +204,14 @@ def test_unusable_setup_fails_before_writing(setup, tmp_path, extra, expected):
         trainer.main(_args(checkpoint, dataset, tmp_path / "out", *extra))
     assert expected in str(error.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_reward_is_refused_unless_overwrite(setup, tmp_path):
+    checkpoint, dataset, _ = setup
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "reward.safetensors").write_bytes(b"keep me")
+    with pytest.raises(SystemExit, match="already exists. Pass --overwrite"):
+        trainer.main(_args(checkpoint, dataset, output, "--max-train-steps", "1"))
+    assert (output / "reward.safetensors").read_bytes() == b"keep me"
+    assert trainer.main(_args(checkpoint, dataset, output, "--max-train-steps", "2", "--overwrite")).stat().st_size > 100

@@ -36,6 +36,7 @@ class StablePreferenceConfig:
     training: TrainingConfig
     architecture: str = "auto"
     output_name: str = "reward"
+    overwrite: bool = False
     loss: str = "stable-preference"
     augmentations: int = sp.AUGMENTATIONS
     crop_scale: tuple[float, float] = sp.CROP_SCALE
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--architecture", default="auto",
                        help="open_clip model name, or 'auto' to read the model config <checkpoint stem>.json beside it")
     model.add_argument("--output-name", default="reward", help="file name (no extension) of the trained reward")
+    model.add_argument("--overwrite", action="store_true", help="replace an existing <output-name>.safetensors")
     method = parser.add_argument_group("method")
     method.add_argument("--loss", choices=LOSSES, default="stable-preference",
                         help="stable-preference: eq. 7 for the first --step-one-fraction of steps, then eq. 8, each "
@@ -134,6 +136,7 @@ def parse_args(input_args: list[str] | None = None) -> StablePreferenceConfig:
         training=training,
         architecture=args.architecture,
         output_name=args.output_name,
+        overwrite=args.overwrite,
         loss=args.loss,
         augmentations=args.augmentations,
         crop_scale=(float(low), float(high)),

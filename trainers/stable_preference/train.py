@@ -181,6 +181,10 @@ def train(config: StablePreferenceConfig) -> Path:
 
     training = config.training
     pairs = read_pairs(config.dataset)
+    output = training.output_dir / f"{config.output_name}.safetensors"
+    if output.exists() and not config.overwrite:
+        raise SetupError(f"'{output}' already exists. Pass --overwrite to replace it, or choose another "
+                         f"--output-name / --output-dir.")
     resume, resume_state = resume_point(training.output_dir, training.resume_from, training.max_train_steps)
     accelerator = make_accelerator(training)  # writes nothing; sets threads and seeds
     model, architecture, model_config, tokenizer = load_reward_clip(config.checkpoint, config.architecture)
@@ -254,7 +258,6 @@ def train(config: StablePreferenceConfig) -> Path:
                             training.checkpoints_total_limit)
     progress.close()
     accelerator.wait_for_everyone()
-    output = training.output_dir / f"{config.output_name}.safetensors"
     if accelerator.is_main_process:
         save_trained_reward(unwrapped, model_config, output, architecture, config_dict)
         atomic_write_json(output.with_suffix(".json"), model_config)
