@@ -4,6 +4,8 @@
 - :func:`toy_clip_score`: CLIPScore on the shipped toy-clip (``core/rewards`` loader, kind "clip-score"): alignment.
 - :class:`ToyQualityReward`: the G-Refine perceptual score p (PQ-Map, eq. 3) of toy-clip with the shipped learned
   quality prompts: perceptual quality, prompt-free.
+- :class:`ToyAlignmentReward`: the G-Refine alignment score a (AQ-Map, eq. 4-8) of toy-clip: phrase-level
+  alignment (object phrase, background phrase), a second alignment reward for Syn-Pic's ensemble.
 - :class:`AttributeJudge`: a GenEval-like judge, not a learned model: for a single-object caption on a plain
   background ("a small red circle on a plain grey background") it finds the object's pixels and scores 0.5 for the
   right colour plus 0.5 for the right shape (``train_tiny_sd.classify_object``); in {0, 0.5, 1}. Used as the reward
@@ -17,7 +19,7 @@ import re
 import numpy as np
 import torch
 
-from ...core import pq_map
+from ...core import aq_map, pq_map
 from ...core.clip_surgery import load_quality_clip
 from ...core.rewards.loading import load_reward_model
 from . import data, scenes
@@ -56,6 +58,31 @@ class ToyQualityReward(torch.nn.Module):
         features = self.encoder.encode_image(images.float())
         quality = pq_map.perceptual_quality(features, self.prompt_features, self.encoder.logit_scale, self.alpha)
         return quality.score.float()
+
+
+class ToyAlignmentReward(torch.nn.Module):
+    """a of g-refine.txt eq. 8 (``core/aq_map.alignment_quality``: the global image-text cosine times the phrase
+    penalty) on toy-clip: (B,), higher = better aligned with the prompt's phrases. Not differentiable (the prompt's
+    syntax tree is parsed per call)."""
+
+    uses_prompts = True
+
+    def __init__(self):
+        super().__init__()
+        self.name = "toy-alignment-a"
+        self.encoder = load_quality_clip(data.TOY_CLIP_CHECKPOINT)
+
+    def to(self, *args, **kwargs):
+        self.encoder.model.to(*args, **kwargs)
+        return super().to(*args, **kwargs)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts, differentiable: bool = False) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] == 0:
+            raise ValueError(f"images must be (B, H, W, 3) with B >= 1, got {tuple(images.shape)}.")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        features = self.encoder.encode_image(images.float())
+        return aq_map.alignment_quality(self.encoder, features, prompts).score.float()
 
 
 _PLAIN_CAPTION = re.compile(r"^an? (?:small |large )?(\w+) (\w+?)s? on a plain (\w+) background$")
@@ -112,12 +139,17 @@ def single_object_captions(count: int, seed_offset: int, colours: tuple[str, ...
 class RedContentReward(torch.nn.Module):
     """A localisable "defect" reward for Focus-N-Fix, the toy counterpart of the paper's content classifiers
     (over-sexualisation, violence): red pixels are the defect. ``r = -100 * mean over pixels of
-    exp(-||pixel - red||^2 / (2 * 0.25^2))`` with red the toy world's (220, 30, 30): (B,) in [-100, 0], 0 = no red;
-    differentiable, so its saliency |dr/dI| finds the red regions. Prompt-free."""
+    exp(-||pixel - red||^2 / (2 * width^2))`` with red the toy world's (220, 30, 30) and RGB in [0, 1]: (B,) in
+    [-100, 0], 0 = no red; differentiable, so its saliency |dr/dI| finds the red regions. Prompt-free.
+
+    width 0.15 keeps the defect local: on 48 tiny-sd pictures of red objects, 99.3 % of the redness lies inside the
+    problem regions M (``core/focus_n_fix.region_mask`` of the saliency). A width of 0.25 (the first setting) also
+    counted faint tints of grey and coloured backgrounds (a grey pixel scores 0.033), so a third of the reward lay
+    outside M and any method scored by removing it from the whole picture."""
 
     uses_prompts = False
 
-    def __init__(self, width: float = 0.25):
+    def __init__(self, width: float = 0.15):
         super().__init__()
         self.name = "red-content"
         self.width = width
