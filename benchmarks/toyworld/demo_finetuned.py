@@ -2,7 +2,8 @@
 ``models/loras/`` (``<method>.safetensors``, written with ``core/lora_export.py``) against the base model.
 
 Each model draws the same held-out captions from the same initial noise; the pictures are scored with the toy
-rewards (toy-clip CLIPScore, toy PQ score p, the attribute judge), and a grid (one row per caption, one column per
+rewards (toy-clip CLIPScore, the G-Refine alignment score a, toy PQ score p, the attribute judge, red content),
+and a grid (one row per caption, one column per
 model) plus a markdown table of the mean scores are returned to the demo.
 """
 
@@ -53,14 +54,14 @@ def finetuned_comparison(pipeline, count: int, steps: int, guidance: float, seed
     if not loras:
         return [], [], []
     captions = rewards.single_object_captions(count, HELD_OUT_CAPTION_SEED)
-    reward_models = [rewards.toy_clip_score(), rewards.ToyQualityReward(), rewards.AttributeJudge(),
-                     rewards.RedContentReward()]
+    reward_models = [rewards.toy_clip_score(), rewards.ToyAlignmentReward(), rewards.ToyQualityReward(),
+                     rewards.AttributeJudge(), rewards.RedContentReward()]
     titles = ["base tiny-sd"] + [f"+ {lora.stem} LoRA" for lora in loras]
     pictures = [generate_with(pipeline, captions, steps, guidance, seed, lora) for lora in [None, *loras]]
     header = "| model | " + " | ".join(reward.name for reward in reward_models) + " |"
     lines = ["## Refined models", "",
              f"The LoRAs shipped in `benchmarks/toyworld/models/loras/` against the base model: rankdpo / dpo "
-             f"trained on Syn-Pic data of tiny-sd ranked by toy-clip and toy-quality-p (`rankdpo_toyworld.py`), "
+             f"trained on Syn-Pic data of tiny-sd ranked by toy-clip and toy-alignment-a (`rankdpo_toyworld.py`), "
              f"focus-n-fix / draft trained to remove red (the red-content reward, `focus_n_fix_toyworld.py`); see "
              f"benchmarks/RESULTS.md. {count} held-out captions, the same initial noise for every model, mean toy "
              f"rewards (the attribute judge was used by no training).", "",
