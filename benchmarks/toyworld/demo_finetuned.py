@@ -3,8 +3,8 @@
 
 Each model draws the same held-out captions from the same initial noise; the pictures are scored with the toy
 rewards (toy-clip CLIPScore, the G-Refine alignment score a, toy PQ score p, the attribute judge, red content),
-and a grid (one row per caption, one column per
-model) plus a markdown table of the mean scores are returned to the demo.
+and a grid (one row per caption, one column per model) plus a markdown table of the mean scores are returned to the
+demo.
 """
 
 from __future__ import annotations

@@ -62,8 +62,8 @@ class ToyQualityReward(torch.nn.Module):
 
 class ToyAlignmentReward(torch.nn.Module):
     """a of g-refine.txt eq. 8 (``core/aq_map.alignment_quality``: the global image-text cosine times the phrase
-    penalty) on toy-clip: (B,), higher = better aligned with the prompt's phrases. Not differentiable (the prompt's
-    syntax tree is parsed per call)."""
+    penalty) on toy-clip: (B,), higher = better aligned with the prompt's phrases. Scored without gradient (Syn-Pic
+    and evaluation only)."""
 
     uses_prompts = True
 
