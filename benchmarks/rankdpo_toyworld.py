@@ -116,7 +116,7 @@ def train_one(dataset: Path, output: Path, loss: str, seed: int, args: argparse.
         "--dataset", str(dataset), "--model", str(data.TOY_SD_FOLDER), "--output-dir", str(output),
         "--loss", loss, "--seed", str(seed), "--max-train-steps", str(args.steps),
         "--train-batch-size", str(args.batch_size), "--learning-rate", str(learning_rate(loss, args)),
-        "--beta", str(args.beta), "--rank", "8", "--checkpointing-steps", str(args.steps + 1),
+        "--beta", str(args.beta), "--dcg-ranks", args.dcg_ranks, "--rank", "8", "--checkpointing-steps", str(args.steps + 1),
         "--log-every", str(max(1, args.steps // 5)), "--threads", str(args.threads)])
     return rankdpo_trainer.train(config)
 
@@ -134,6 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rankdpo-learning-rate", type=float, default=None, help="RankDPO's own learning rate "
                         "(default: --learning-rate), to compare the two at a matched amount of change")
     parser.add_argument("--beta", type=float, default=2500.0)
+    parser.add_argument("--dcg-ranks", choices=("model", "labels"), default="model",
+                        help="RankDPO's DCG discount ranks by the current model (default) or by the labels")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--training-rewards", nargs="+", choices=TRAINING_REWARD_CHOICES,
                         default=["toy-clip", "toy-alignment-a"], help="the Syn-Pic rewards (the attribute judge is "
@@ -207,7 +209,7 @@ def main(argv=None) -> dict[str, float]:
                f"rate under the held-out judge) {numbers['ratio']:.3f}; {len(args.seeds)} seeds x {args.steps} steps "
                f"x {args.batch_size} groups, k = {args.generators}, trained on {' + '.join(args.training_rewards)}, "
                f"{args.train_prompts} train / {args.eval_prompts} "
-               f"held-out captions, beta {args.beta:g}; {args.threads} threads, "
+               f"held-out captions, beta {args.beta:g}, DCG ranks by the {args.dcg_ranks}; {args.threads} threads, "
                f"{numbers['seconds']:.0f} s")
     print(summary)
     if not args.no_write:

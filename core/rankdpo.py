@@ -19,7 +19,9 @@ current model, Algorithm 2 sorts by phi) in favour of the text: ``tau_i`` is the
 scores ``s`` (rank 1 = lowest s = the image the model currently prefers most), so a pair the model orders badly at
 the top of its ranking weighs more. The discount is ``D(tau) = log(1 + tau)`` with the natural logarithm as written;
 DCG's usual log2 would multiply every weight by the constant ln 2, i.e. only rescale the learning rate. The weights
-are constants for the gradient (ranks are piecewise constant in s; ``s`` is detached before ranking).
+are constants for the gradient (ranks are piecewise constant in s; ``s`` is detached before ranking). The other
+reading, Algorithm 2's (``tau`` = the rank by the labels phi, 1 = highest phi), is available as ``ranks="labels"``:
+the weights are then fixed per prompt and largest for the pairs at the top of the true ranking.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 
 DEFAULT_BETA = 2500.0  # = 0.5 * Diffusion-DPO's beta_dpo 5000 (module docstring)
 WEIGHTINGS = ("dcg", "uniform")
+DISCOUNT_RANKS = ("model", "labels")  # what tau of eq. 6 ranks by: the current scores s (default) or the labels phi
 
 
 def denoising_errors(target: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
@@ -64,17 +67,28 @@ def current_ranks(scores: torch.Tensor) -> torch.Tensor:
     return ranks.scatter_(-1, order, positions)
 
 
-def dcg_weights(win_rates: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+def label_ranks(win_rates: torch.Tensor) -> torch.Tensor:
+    """Rank of each image by its label, 1 = highest phi (Algorithm 2's sort); ties keep index order.
+
+    win_rates: (k,) or (P, k). Returns int64 of the same shape, values 1..k."""
+    return current_ranks(-win_rates.float())
+
+
+def dcg_weights(win_rates: torch.Tensor, scores: torch.Tensor, ranks: str = "model") -> torch.Tensor:
     """Eq. 6: ``Delta_ij = |G_i - G_j| * |1 / D(tau_i) - 1 / D(tau_j)|`` with gain ``G = 2^phi - 1`` and discount
-    ``D(tau) = log(1 + tau)``, tau the rank by the current scores (:func:`current_ranks`).
+    ``D(tau) = log(1 + tau)``, tau the rank by the current scores (:func:`current_ranks`, ``ranks="model"``) or by
+    the labels (:func:`label_ranks`, ``ranks="labels"``, Algorithm 2's reading).
 
     win_rates: (k,) or (P, k) phi in [0, 1]; scores: the same shape, the current s (detached here).
     Returns (k, k) or (P, k, k) float32 weights, symmetric, >= 0, zero on the diagonal.
     """
     if win_rates.shape != scores.shape:
         raise ValueError(f"win_rates {tuple(win_rates.shape)} and scores {tuple(scores.shape)} differ in shape.")
+    if ranks not in DISCOUNT_RANKS:
+        raise ValueError(f"ranks must be one of {DISCOUNT_RANKS}, got {ranks!r}.")
     gain = torch.pow(2.0, win_rates.float()) - 1.0
-    inverse_discount = 1.0 / torch.log1p(current_ranks(scores).float())
+    tau = current_ranks(scores) if ranks == "model" else label_ranks(win_rates)
+    inverse_discount = 1.0 / torch.log1p(tau.float())
     return ((gain.unsqueeze(-1) - gain.unsqueeze(-2)).abs()
             * (inverse_discount.unsqueeze(-1) - inverse_discount.unsqueeze(-2)).abs())
 
@@ -85,12 +99,13 @@ def preferred_pairs(win_rates: torch.Tensor) -> torch.Tensor:
 
 
 def rankdpo_loss(scores: torch.Tensor, win_rates: torch.Tensor, beta: float = DEFAULT_BETA,
-                 weighting: str = "dcg") -> torch.Tensor:
+                 weighting: str = "dcg", ranks: str = "model") -> torch.Tensor:
     """Eq. 7 for one or several prompt groups: ``L = -sum_{i preferred over j} Delta_ij log sigmoid(-beta (s_i - s_j))``.
 
     scores: (k,) or (P, k) diffusion scores s (eq. 5), differentiable; win_rates: the same shape, phi in [0, 1].
     beta: > 0, in this module's scale (module docstring). weighting: "dcg" (Delta of eq. 6) or "uniform"
     (Delta = 1 for every preferred pair; with k = 2 this is pairwise Diffusion-DPO, :func:`diffusion_dpo_loss`).
+    ranks: what eq. 6's discount ranks by, "model" (the current s) or "labels" (phi); see :func:`dcg_weights`.
     Returns the sum over the pairs of each group, averaged over the P groups: a scalar. A group whose win rates are
     all equal contributes 0.
     """
@@ -104,7 +119,7 @@ def rankdpo_loss(scores: torch.Tensor, win_rates: torch.Tensor, beta: float = DE
     groups_scores = scores.reshape(-1, scores.shape[-1])
     groups_rates = win_rates.reshape(-1, win_rates.shape[-1]).to(groups_scores.device)
     pairs = preferred_pairs(groups_rates).float()  # (P, k, k)
-    weights = dcg_weights(groups_rates, groups_scores) if weighting == "dcg" else torch.ones_like(pairs)
+    weights = dcg_weights(groups_rates, groups_scores, ranks) if weighting == "dcg" else torch.ones_like(pairs)
     margins = groups_scores.unsqueeze(-1) - groups_scores.unsqueeze(-2)  # s_i - s_j, (P, k, k)
     pair_losses = -F.logsigmoid(-beta * margins.float())
     return (pairs * weights * pair_losses).sum(dim=(-1, -2)).mean()

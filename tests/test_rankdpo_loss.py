@@ -48,6 +48,24 @@ def test_dcg_weights_by_hand():
     assert weights[1, 2].item() == pytest.approx(0.2205504, abs=1e-6)
 
 
+def test_dcg_weights_ranked_by_the_labels_by_hand():
+    """Algorithm 2's reading: tau by phi (image 0 -> 1, image 1 -> 2, image 2 -> 3), whatever the current scores."""
+    inverse_discount = [1 / math.log(2), 1 / math.log(3), 1 / math.log(4)]
+    gain = [2**p - 1 for p in PHI]
+    expected = [[abs(gain[i] - gain[j]) * abs(inverse_discount[i] - inverse_discount[j]) for j in range(3)]
+                for i in range(3)]
+    for scores in (S, [0.0, 0.0, 0.0], [-1.0, 0.0, 1.0]):
+        weights = rankdpo.dcg_weights(torch.tensor(PHI), torch.tensor(scores), ranks="labels")
+        assert weights.tolist() == [pytest.approx(row, abs=1e-6) for row in expected]
+    assert weights[0, 2].item() == pytest.approx(1 * (1 / math.log(2) - 1 / math.log(4)), abs=1e-6)
+    assert rankdpo.label_ranks(torch.tensor([[0.2, 0.9, 0.2]])).tolist() == [[2, 1, 3]]  # ties: index order
+    with pytest.raises(ValueError, match="ranks must be one of"):
+        rankdpo.dcg_weights(torch.tensor(PHI), torch.tensor(S), ranks="phi")
+    loss = rankdpo.rankdpo_loss(torch.tensor(S), torch.tensor(PHI), beta=3.0, ranks="labels")
+    hand = -sum(expected[i][j] * log_sigmoid(-3.0 * (S[i] - S[j])) for i, j in ((0, 1), (0, 2), (1, 2)))
+    assert loss.item() == pytest.approx(hand, rel=1e-6)
+
+
 def test_rankdpo_loss_by_hand():
     beta = 3.0
     weights = rankdpo.dcg_weights(torch.tensor(PHI), torch.tensor(S)).tolist()

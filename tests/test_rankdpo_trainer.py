@@ -198,12 +198,19 @@ def expect_exit(arguments: list[str], message: str, status: int = 1) -> str:
     ("--beta", "-100", "--beta must be a positive"),
     ("--resolution", "60", "multiple of 8"),
     ("--lora-dropout", "1.5", "--lora-dropout"),
+    ("--dcg-ranks", "phi", "--dcg-ranks"),
 ])
 def test_bad_flags_exit_with_status_2(tmp_path, capsys, flag, value, message):
     dataset = write_dataset(tmp_path / "data", prompts=1, k=2)
     expect_exit(base_arguments(dataset, tmp_path / "out", flag, value), message, status=2)
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_dcg_ranks_flag_reaches_the_config(tmp_path):
+    dataset = write_dataset(tmp_path / "data", prompts=1, k=2)
+    assert trainer.parse_args(base_arguments(dataset, tmp_path / "out")).dcg_ranks == "model"
+    assert trainer.parse_args(base_arguments(dataset, tmp_path / "out", "--dcg-ranks", "labels")).dcg_ranks == "labels"
 
 
 def test_dataset_problems_are_listed_with_line_numbers_before_any_work(tmp_path):

@@ -10,7 +10,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...core.rankdpo import DEFAULT_BETA
+from ...core.rankdpo import DEFAULT_BETA, DISCOUNT_RANKS
 from ..common.config import (
     TrainingConfig,
     add_lora_arguments,
@@ -32,7 +32,8 @@ class RankDPOConfig:
     dataset: a Syn-Pic folder holding ``index.jsonl`` (``refinery-synpic``), or the ``.jsonl`` itself.
     model: the base model, a diffusers folder or a single-file SD1.5/SDXL ``.safetensors``; family: "auto" or the
     family it must be. loss: "rankdpo" (eq. 7 with DCG weights over all k images of a prompt) or "dpo" (pairwise
-    Diffusion-DPO on the best and the worst image of each prompt: k = 2, Delta = 1). beta: > 0, in
+    Diffusion-DPO on the best and the worst image of each prompt: k = 2, Delta = 1). dcg_ranks: what the DCG
+    discount ranks by, "model" (the current scores, sec. 3.3) or "labels" (phi, Algorithm 2). beta: > 0, in
     ``core/rankdpo.py``'s scale. resolution: training side in pixels (None: the model's native size); images are
     resized (shorter side) and centre-cropped to it.
     """
@@ -42,6 +43,7 @@ class RankDPOConfig:
     training: TrainingConfig
     family: str = "auto"
     loss: str = "rankdpo"
+    dcg_ranks: str = "model"
     beta: float = DEFAULT_BETA
     resolution: int | None = None
     rank: int = 8
@@ -80,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--loss", choices=LOSSES, default="rankdpo",
                         help="rankdpo: DCG-weighted ranking loss over all images of a prompt; dpo: pairwise "
                         "Diffusion-DPO on each prompt's best and worst image (the k = 2, Delta = 1 case)")
+    method.add_argument("--dcg-ranks", choices=DISCOUNT_RANKS, default="model",
+                        help="what the DCG discount of eq. 6 ranks the images by: model = the current model's scores "
+                        "(sec. 3.3, Fig. 2; default), labels = the win rates (the paper's Algorithm 2)")
     method.add_argument("--beta", type=float, default=DEFAULT_BETA,
                         help="KL strength on core/rankdpo.py's scale: 0.5 x Diffusion-DPO's beta_dpo (its SD1.5 / "
                         "SDXL 5000 is 2500 here)")
@@ -114,6 +119,7 @@ def parse_args(input_args: list[str] | None = None) -> RankDPOConfig:
         training=training,
         family=args.family,
         loss=args.loss,
+        dcg_ranks=args.dcg_ranks,
         beta=args.beta,
         resolution=args.resolution,
         rank=args.rank,

@@ -145,7 +145,8 @@ def batch_loss(config: RankDPOConfig, models: TrainingModels, batch: dict, micro
     losses, right, pairs = [], 0.0, 0.0
     for group_scores, win_rates in zip(torch.split(scores, batch["group_sizes"]), batch["win_rates"]):
         win_rates = win_rates.to(device)
-        losses.append(rankdpo.rankdpo_loss(group_scores, win_rates, config.beta, WEIGHTING[config.loss]))
+        losses.append(rankdpo.rankdpo_loss(group_scores, win_rates, config.beta, WEIGHTING[config.loss],
+                                           config.dcg_ranks))
         preferred = rankdpo.preferred_pairs(win_rates)
         pairs += float(preferred.sum())
         right += float(((group_scores.detach().unsqueeze(-1) < group_scores.detach().unsqueeze(-2)) & preferred).sum())
