@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import limit_threads, write_results  # noqa: E402
-from rankdpo_memory import _status_kib, build_models  # noqa: E402
+from common import limit_threads, run_measurement, step_memory, write_results  # noqa: E402
+from rankdpo_memory import build_models  # noqa: E402
 
 KS = (1, 2, 4)
 
@@ -72,23 +70,8 @@ def measure(truncate_k: int, sampling_steps: int, resolution: int) -> dict[str, 
 
     if device.type == "cuda":
         step(0)  # warm-up: lazy allocations (cuDNN workspaces) are not the step's
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        started = time.perf_counter()
-        step(1)
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        peak = torch.cuda.max_memory_allocated()
-    else:  # no warm-up on CPU: memory a step frees stays resident, and would hide the next step's need
-        before = _status_kib("VmRSS") * 1024
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        started = time.perf_counter()
-        step(1)
-        seconds = time.perf_counter() - started
-        peak = _status_kib("VmHWM") * 1024
-    return {"peak_bytes": float(peak), "before_bytes": float(before), "step_bytes": float(peak - before),
-            "seconds": seconds, "device_cuda": float(device.type == "cuda")}
+    # no warm-up on CPU: memory a step frees stays resident, and would hide the next step's need
+    return step_memory(lambda: step(1), device)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -117,11 +100,8 @@ def main(argv=None) -> dict[str, float]:
     runs = {}
     for steps in (args.steps_low, args.steps_high):
         for truncate_k in KS:
-            command = [sys.executable, __file__, "--arm", str(truncate_k), str(steps), "--resolution",
-                       str(args.resolution), "--threads", str(threads)]
-            output = subprocess.run(command, check=True, capture_output=True, text=True,
-                                    env={**os.environ, "TQDM_DISABLE": "1"}).stdout
-            run = json.loads(output.strip().splitlines()[-1])
+            run = run_measurement(__file__, ["--arm", str(truncate_k), str(steps), "--resolution",
+                                             str(args.resolution), "--threads", str(threads)])
             runs[(truncate_k, steps)] = run
             numbers[f"k{truncate_k}_n{steps}_peak_gib"] = run["peak_bytes"] / gib
             numbers[f"k{truncate_k}_n{steps}_step_gib"] = run["step_bytes"] / gib

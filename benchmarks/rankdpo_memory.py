@@ -23,24 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import limit_threads, write_results  # noqa: E402
+from common import limit_threads, run_measurement, step_memory, write_results  # noqa: E402
 
 ARMS = ("rankdpo", "plain_lora")
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def build_models(resolution: int):
@@ -99,24 +90,7 @@ def measure(arm: str, resolution: int, images: int) -> dict[str, float]:
             parameter.grad = None
 
     step()  # warm-up: lazy allocations (cuDNN / oneDNN workspaces) are not the step's
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        started = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        before = _status_kib("VmRSS") * 1024
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        started = time.perf_counter()
-        step()
-        seconds = time.perf_counter() - started
-        peak = _status_kib("VmHWM") * 1024
-    return {"peak_bytes": float(peak), "before_bytes": float(before), "step_bytes": float(peak - before),
-            "seconds": seconds, "device_cuda": float(device.type == "cuda")}
+    return step_memory(step, device)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -143,11 +117,8 @@ def main(argv=None) -> dict[str, float]:
     started = time.perf_counter()
     for repeat in range(args.repeats):
         for arm in (ARMS if repeat % 2 == 0 else ARMS[::-1]):
-            command = [sys.executable, __file__, "--arm", arm, "--resolution", str(args.resolution), "--images",
-                       str(args.images), "--threads", str(threads)]
-            output = subprocess.run(command, check=True, capture_output=True, text=True,
-                                    env={**os.environ, "TQDM_DISABLE": "1"}).stdout
-            runs[arm].append(json.loads(output.strip().splitlines()[-1]))
+            runs[arm].append(run_measurement(__file__, ["--arm", arm, "--resolution", str(args.resolution),
+                                                        "--images", str(args.images), "--threads", str(threads)]))
             print(arm, runs[arm][-1], flush=True)
     median = {arm: {key: statistics.median(run[key] for run in runs[arm]) for key in runs[arm][0]} for arm in ARMS}
     rank, plain = median["rankdpo"], median["plain_lora"]
