@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import limit_threads, write_results  # noqa: E402
 
 from comfyui_refinery.benchmarks.toyworld import data, rewards  # noqa: E402
+from comfyui_refinery.core.rankdpo import DISCOUNT_RANKS  # noqa: E402
 from comfyui_refinery.trainers.rankdpo import train as rankdpo_trainer  # noqa: E402
 
 TRAIN_CAPTION_SEED = 101
@@ -134,7 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rankdpo-learning-rate", type=float, default=None, help="RankDPO's own learning rate "
                         "(default: --learning-rate), to compare the two at a matched amount of change")
     parser.add_argument("--beta", type=float, default=2500.0)
-    parser.add_argument("--dcg-ranks", choices=("model", "labels"), default="model",
+    parser.add_argument("--dcg-ranks", choices=DISCOUNT_RANKS, default="model",
                         help="RankDPO's DCG discount ranks by the current model (default) or by the labels")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--training-rewards", nargs="+", choices=TRAINING_REWARD_CHOICES,

@@ -20,6 +20,18 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 CONFIG_FILE = "training_config.json"
 
 
+class SetupError(ValueError):
+    """The run cannot start (model, options, output folder); the message says what to change."""
+
+
+def refuse_existing_output(output: Path, overwrite: bool) -> None:
+    """SetupError when the trained file ``output`` already exists and --overwrite was not given (every trainer checks
+    this before any long work)."""
+    if output.exists() and not overwrite:
+        raise SetupError(f"'{output}' already exists. Pass --overwrite to replace it, or choose another "
+                         f"--output-name / --output-dir.")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainingConfig:
     """Options every trainer shares. Steps count optimiser updates (after gradient accumulation).

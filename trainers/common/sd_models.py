@@ -16,15 +16,12 @@ from pathlib import Path
 
 import torch
 
+from .config import SetupError, refuse_existing_output
 from .lora import add_lora, set_gradient_checkpointing
 from .model_loading import UnsupportedModelError, detect_family, load_sd_pipeline, pipeline_family
 
 __all__ = ["SetupError", "TrainingModels", "load_models", "encode_prompts", "expand_conditioning", "output_path",
            "check_output", "PreparedTraining", "prepare_lora_training", "resume_training", "export_trained_lora"]
-
-
-class SetupError(ValueError):
-    """The run cannot start (model, output folder, options); the message says what to change."""
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -127,9 +124,7 @@ def check_output(config) -> Path:
     """Refuse an existing LoRA file (unless --overwrite) and an output folder that cannot be written, before any
     long work. Returns the LoRA's path."""
     output = output_path(config)
-    if output.exists() and not config.overwrite:
-        raise SetupError(f"'{output}' already exists. Pass --overwrite to replace it, or choose another "
-                         f"--output-name / --output-dir.")
+    refuse_existing_output(output, config.overwrite)
     folder = config.training.output_dir
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ from ..common.checkpoint import (
     resume_point,
     save_checkpoint,
 )
-from ..common.config import config_differences, config_to_dict, write_config
+from ..common.config import SetupError, config_differences, config_to_dict, refuse_existing_output, write_config
 from ..common.optim import make_optimizer, make_scheduler
 from ...core.rewards.trained import save_trained_reward
 from .config import StablePreferenceConfig, parse_args
@@ -45,10 +45,6 @@ logger = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100.0)  # open_clip's training clamp of the temperature
 AUGMENTATION_STREAM = 1
 __all__ = ["main", "parse_args", "train", "load_reward_clip", "freeze_layers", "pair_scores", "batch_loss", "SetupError"]
-
-
-class SetupError(ValueError):
-    """The run cannot start (model, layer counts, output folder); the message says what to change."""
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -182,9 +178,7 @@ def train(config: StablePreferenceConfig) -> Path:
     training = config.training
     pairs = read_pairs(config.dataset)
     output = training.output_dir / f"{config.output_name}.safetensors"
-    if output.exists() and not config.overwrite:
-        raise SetupError(f"'{output}' already exists. Pass --overwrite to replace it, or choose another "
-                         f"--output-name / --output-dir.")
+    refuse_existing_output(output, config.overwrite)
     resume, resume_state = resume_point(training.output_dir, training.resume_from, training.max_train_steps)
     accelerator = make_accelerator(training)  # writes nothing; sets threads and seeds
     model, architecture, model_config, tokenizer = load_reward_clip(config.checkpoint, config.architecture)
