@@ -8,18 +8,23 @@ default two alignment rewards: toy-clip CLIPScore and the G-Refine alignment sco
 ``--training-rewards toy-clip toy-quality-p`` is the first design (CLIPScore + the PQ score p): on its data p orders
 pairs of pictures against the attribute judge (42 % agreement on pairs the judge separates, phi 52 %), so the
 preference carries no signal the judge can see; the two alignment rewards agree with the judge on 65 %.
+``--labels random`` is the paper's "Random Labelling" control (Tab. 4): each group's win rates are shuffled (seeded),
+so the runs see the same pictures and the same label values without the rewards' information.
 
 Training (``refinery-train-rankdpo``'s code, in-process): from the same data, the same LoRA (rank 8, attention
 projections), steps, batch, learning rate, beta and seed, ``--loss rankdpo`` (DCG-weighted, all 4 images) and
-``--loss dpo`` (best vs worst image of each prompt); --seeds training seeds each.
+``--loss dpo`` (best vs worst image of each prompt); --seeds training seeds each, for every training budget of
+--steps (one run per budget: the cosine schedule spans the run, so a budget is not a prefix of a longer run).
 
 Evaluation on held-out captions: each model generates one picture per caption from the same initial noise as the
 base model; win rate against the base = fraction of captions where the fine-tuned picture scores higher (ties count
 half), under each of the four toy rewards: the training ones, and the held-out ones, always including the attribute
-judge (a GenEval-like check of the object's colour and shape, never used in training); plus each reward's mean.
+judge (a GenEval-like check of the object's colour and shape, never used in training); plus each reward's mean and
+the mean pixel change against the base pictures (how far the LoRA moved them). ``target_met_s<steps>`` is 1 when,
+at that budget, RankDPO's mean win rate beats DPO's and DPO's beats 0.5 under every reward.
 
-Run: python benchmarks/rankdpo_toyworld.py [--steps 300] [--seeds 0 1 2] [--threads 2] [--ship-loras] [--no-write]
-[--training-rewards toy-clip toy-alignment-a]
+Run: python benchmarks/rankdpo_toyworld.py [--steps 100 200 300] [--seeds 0 1 2] [--threads 2] [--ship-loras]
+[--no-write] [--training-rewards toy-clip toy-alignment-a] [--labels rewards|random]
 """
 
 from __future__ import annotations
@@ -112,13 +117,35 @@ def learning_rate(loss: str, args: argparse.Namespace) -> float:
     return args.rankdpo_learning_rate if loss == "rankdpo" and args.rankdpo_learning_rate else args.learning_rate
 
 
-def train_one(dataset: Path, output: Path, loss: str, seed: int, args: argparse.Namespace) -> Path:
+def shuffled_labels(dataset: Path, seed: int = 0) -> Path:
+    """The "Random Labelling" control (rankdpo.txt Tab. 4): ``index-random-labels.jsonl`` beside ``dataset``'s index,
+    the same groups with each group's win rates permuted (seeded, numpy). Returns the new index file."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lines = []
+    for line in (dataset / "index.jsonl").read_text().splitlines():
+        if line.strip():
+            group = json.loads(line)
+            group["win_rates"] = [group["win_rates"][index] for index in rng.permutation(len(group["win_rates"]))]
+            group.pop("scores", None)  # the scores no longer explain the labels
+            lines.append(json.dumps(group))
+    shuffled = dataset / "index-random-labels.jsonl"
+    temporary = shuffled.with_suffix(".jsonl.tmp")
+    temporary.write_text("\n".join(lines) + "\n")
+    os.replace(temporary, shuffled)
+    return shuffled
+
+
+def train_one(dataset: Path, output: Path, loss: str, seed: int, steps: int, args: argparse.Namespace) -> Path:
     config = rankdpo_trainer.parse_args([
         "--dataset", str(dataset), "--model", str(data.TOY_SD_FOLDER), "--output-dir", str(output),
-        "--loss", loss, "--seed", str(seed), "--max-train-steps", str(args.steps),
+        "--loss", loss, "--seed", str(seed), "--max-train-steps", str(steps),
         "--train-batch-size", str(args.batch_size), "--learning-rate", str(learning_rate(loss, args)),
-        "--beta", str(args.beta), "--dcg-ranks", args.dcg_ranks, "--rank", "8", "--checkpointing-steps", str(args.steps + 1),
-        "--log-every", str(max(1, args.steps // 5)), "--threads", str(args.threads)])
+        "--beta", str(args.beta), "--dcg-ranks", args.dcg_ranks, "--rank", "8", "--checkpointing-steps", str(steps + 1),
+        "--log-every", str(max(1, steps // 5)), "--threads", str(args.threads)])
     return rankdpo_trainer.train(config)
 
 
@@ -129,7 +156,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--generators", type=int, default=4, help="k seeds of tiny-sd per prompt")
     parser.add_argument("--sampling-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--steps", type=int, default=300, help="training steps per run")
+    parser.add_argument("--steps", type=int, nargs="+", default=[100, 200, 300],
+                        help="training budgets: every seed trains each loss once per budget")
     parser.add_argument("--batch-size", type=int, default=8, help="prompt groups per step")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--rankdpo-learning-rate", type=float, default=None, help="RankDPO's own learning rate "
@@ -141,13 +169,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--training-rewards", nargs="+", choices=TRAINING_REWARD_CHOICES,
                         default=["toy-clip", "toy-alignment-a"], help="the Syn-Pic rewards (the attribute judge is "
                         "never one of them)")
+    parser.add_argument("--labels", choices=("rewards", "random"), default="rewards",
+                        help="random: each group's win rates shuffled (the paper's Random Labelling control)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the data and LoRAs here (default: a "
                         "temporary folder)")
-    parser.add_argument("--ship-loras", action="store_true", help="copy the first seed's LoRAs to "
-                        "benchmarks/toyworld/models/loras/<loss>.safetensors (what the demo shows)")
+    parser.add_argument("--ship-loras", action="store_true", help="copy the first seed's LoRAs of the largest "
+                        "budget to benchmarks/toyworld/models/loras/<loss>.safetensors (what the demo shows)")
     parser.add_argument("--no-write", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if min(args.steps) < 1:
+        parser.error(f"--steps must be positive, got {args.steps}.")
+    args.steps = sorted(set(args.steps))
+    return args
+
+
+def target_met(numbers: dict[str, float], budget: int, reward_names) -> bool:
+    """RankDPO > DPO > base (win rate 0.5) under every reward, on the means over the seeds, at ``budget``."""
+    return all(numbers[f"rankdpo_s{budget}_win_{name}"] > numbers[f"dpo_s{budget}_win_{name}"] > 0.5
+               for name in reward_names)
 
 
 def main(argv=None) -> dict[str, float]:
@@ -162,56 +202,67 @@ def main(argv=None) -> dict[str, float]:
         reward_table = all_rewards()
         dataset = build_synpic(work / "data", train_captions, args.generators, args.sampling_steps, args.guidance,
                                args.threads, [reward_table[name] for name in args.training_rewards])
+        if args.labels == "random":
+            dataset = shuffled_labels(dataset)
         data_seconds = time.perf_counter() - started
         reward_models = list(reward_table.values())
         pipeline = load_pipeline()
         base_pictures = generate(pipeline, eval_captions, EVAL_NOISE_SEED, args.sampling_steps, args.guidance)
         base_scores = score_all(reward_models, base_pictures, eval_captions)
-        results: dict[str, dict[str, list[float]]] = {loss: {} for loss in LOSSES}
+        results: dict[str, dict[str, list[float]]] = {}  # "<loss>_s<budget>" -> metric -> one value per seed
         for seed in args.seeds:
-            for loss in LOSSES:
-                lora = train_one(dataset, work / f"{loss}-seed{seed}", loss, seed, args)
-                if args.ship_loras and seed == args.seeds[0]:
-                    SHIPPED_LORAS.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(lora, SHIPPED_LORAS / f".{loss}.safetensors.tmp")
-                    os.replace(SHIPPED_LORAS / f".{loss}.safetensors.tmp", SHIPPED_LORAS / f"{loss}.safetensors")
-                pipeline.load_lora_weights(str(lora), adapter_name=f"{loss}{seed}")
-                pictures = generate(pipeline, eval_captions, EVAL_NOISE_SEED, args.sampling_steps, args.guidance)
-                pipeline.unload_lora_weights()
-                scores = score_all(reward_models, pictures, eval_captions)
-                for name, values in scores.items():
-                    results[loss].setdefault(f"win_{name}", []).append(win_rate(values, base_scores[name]))
-                    results[loss].setdefault(f"mean_{name}", []).append(float(values.mean()))
-                # how far the LoRA moved the pictures: mean |fine-tuned - base| over pixels and channels, in [0, 1]
-                results[loss].setdefault("change", []).append(float((pictures - base_pictures).abs().mean()))
-                print(loss, seed, {key: round(value[-1], 3) for key, value in results[loss].items()}, flush=True)
+            for budget in args.steps:
+                for loss in LOSSES:
+                    lora = train_one(dataset, work / f"{loss}-steps{budget}-seed{seed}", loss, seed, budget, args)
+                    if args.ship_loras and seed == args.seeds[0] and budget == args.steps[-1]:
+                        SHIPPED_LORAS.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(lora, SHIPPED_LORAS / f".{loss}.safetensors.tmp")
+                        os.replace(SHIPPED_LORAS / f".{loss}.safetensors.tmp", SHIPPED_LORAS / f"{loss}.safetensors")
+                    pipeline.load_lora_weights(str(lora), adapter_name=f"{loss}{budget}x{seed}")
+                    pictures = generate(pipeline, eval_captions, EVAL_NOISE_SEED, args.sampling_steps, args.guidance)
+                    pipeline.unload_lora_weights()
+                    scores = score_all(reward_models, pictures, eval_captions)
+                    table = results.setdefault(f"{loss}_s{budget}", {})
+                    for name, values in scores.items():
+                        table.setdefault(f"win_{name}", []).append(win_rate(values, base_scores[name]))
+                        table.setdefault(f"mean_{name}", []).append(float(values.mean()))
+                    # how far the LoRA moved the pictures: mean |fine-tuned - base| over pixels and channels, in [0, 1]
+                    table.setdefault("change", []).append(float((pictures - base_pictures).abs().mean()))
+                    print(loss, budget, seed, {key: round(value[-1], 3) for key, value in table.items()}, flush=True)
     numbers: dict[str, float] = {}
     for name, values in base_scores.items():
         numbers[f"base_mean_{name}"] = float(values.mean())
-    for loss, table in results.items():
+    for run, table in results.items():
         for key, values in table.items():
-            numbers[f"{loss}_{key}"] = statistics.mean(values)
-            numbers[f"{loss}_{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-            numbers[f"{loss}_{key}_min"] = min(values)
-    judge = JUDGE
-    numbers["ratio"] = numbers[f"rankdpo_win_{judge}"] / max(numbers[f"dpo_win_{judge}"], 1e-9)
-    numbers.update(seeds=float(len(args.seeds)), steps=float(args.steps), train_prompts=float(args.train_prompts),
+            numbers[f"{run}_{key}"] = statistics.mean(values)
+            numbers[f"{run}_{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            numbers[f"{run}_{key}_min"] = min(values)
+    judge, last = JUDGE, args.steps[-1]
+    for budget in args.steps:
+        numbers[f"target_met_s{budget}"] = float(target_met(numbers, budget, base_scores))
+    numbers["ratio"] = numbers[f"rankdpo_s{last}_win_{judge}"] / max(numbers[f"dpo_s{last}_win_{judge}"], 1e-9)
+    numbers.update(seeds=float(len(args.seeds)), steps=float(last), train_prompts=float(args.train_prompts),
                    eval_prompts=float(args.eval_prompts), generators=float(args.generators),
                    data_seconds=data_seconds, seconds=time.perf_counter() - started, threads=float(args.threads))
     lines = []
-    for loss in LOSSES:
-        parts = [f"{name}{'' if name in args.training_rewards else ' (held out)'} "
-                 f"{numbers[f'{loss}_win_{name}']:.3f}+-{numbers[f'{loss}_win_{name}_std']:.3f}"
-                 for name in base_scores]
-        lines.append(f"{loss} (lr {learning_rate(loss, args):g}) win rate vs base: " + ", ".join(parts)
-                     + f"; judge mean {numbers[f'{loss}_mean_{judge}']:.3f}; mean pixel change "
-                     f"{numbers[f'{loss}_change']:.3f}")
-    summary = ("; ".join(lines) + f"; base judge mean {numbers[f'base_mean_{judge}']:.3f}; ratio (RankDPO / DPO win "
-               f"rate under the held-out judge) {numbers['ratio']:.3f}; {len(args.seeds)} seeds x {args.steps} steps "
-               f"x {args.batch_size} groups, k = {args.generators}, trained on {' + '.join(args.training_rewards)}, "
-               f"{args.train_prompts} train / {args.eval_prompts} "
-               f"held-out captions, beta {args.beta:g}, DCG ranks by the {args.dcg_ranks}; {args.threads} threads, "
-               f"{numbers['seconds']:.0f} s")
+    for budget in args.steps:
+        parts = []
+        for loss in LOSSES:
+            run = f"{loss}_s{budget}"
+            wins = ", ".join(f"{name} {numbers[f'{run}_win_{name}']:.3f}+-{numbers[f'{run}_win_{name}_std']:.3f}"
+                             for name in base_scores)
+            parts.append(f"{loss} (lr {learning_rate(loss, args):g}) {wins}, judge mean "
+                         f"{numbers[f'{run}_mean_{judge}']:.3f}, change {numbers[f'{run}_change']:.3f}")
+        verdict = "met" if numbers[f"target_met_s{budget}"] else "not met"
+        lines.append(f"{budget} steps: " + "; ".join(parts) + f"; target {verdict}")
+    held_out = [name for name in base_scores if name not in args.training_rewards]
+    summary = ("win rate vs base by training budget. " + ". ".join(lines)
+               + f". Base judge mean {numbers[f'base_mean_{judge}']:.3f}; ratio (RankDPO / DPO win rate under the "
+               f"held-out judge at {last} steps) {numbers['ratio']:.3f}; {len(args.seeds)} seeds x "
+               f"{args.batch_size} groups, k = {args.generators}, trained on {' + '.join(args.training_rewards)} "
+               f"({args.labels} labels; held out: {', '.join(held_out)}), {args.train_prompts} train / "
+               f"{args.eval_prompts} held-out captions, beta {args.beta:g}, DCG ranks by the {args.dcg_ranks}; "
+               f"{args.threads} threads, {numbers['seconds']:.0f} s")
     print(summary)
     if not args.no_write:
         write_results("rankdpo_toyworld", numbers,
