@@ -20,7 +20,9 @@ Evaluation on held-out captions: each model generates one picture per caption fr
 base model; win rate against the base = fraction of captions where the fine-tuned picture scores higher (ties count
 half), under each of the four toy rewards: the training ones, and the held-out ones, always including the attribute
 judge (a GenEval-like check of the object's colour and shape, never used in training); plus each reward's mean and
-the mean pixel change against the base pictures (how far the LoRA moved them). ``target_met_s<steps>`` is 1 when,
+the mean pixel change against the base pictures (how far the LoRA moved them). For scale, ``best_of_k_*``: with no
+training, the best of k fresh base pictures per held-out caption by the training rewards' Syn-Pic win rates, against
+the same base pictures (what a perfect distillation of the preference could give). ``target_met_s<steps>`` is 1 when,
 at that budget, RankDPO's mean win rate beats DPO's and DPO's beats 0.5 under every reward.
 
 Run: python benchmarks/rankdpo_toyworld.py [--steps 100 200 300] [--seeds 0 1 2] [--threads 2] [--ship-loras]
@@ -45,11 +47,13 @@ from common import limit_threads, write_results  # noqa: E402
 
 from comfyui_refinery.benchmarks.toyworld import data, rewards  # noqa: E402
 from comfyui_refinery.core.rankdpo import DISCOUNT_RANKS  # noqa: E402
+from comfyui_refinery.core.reward_aggregation import syn_pic_win_rates  # noqa: E402
 from comfyui_refinery.trainers.rankdpo import train as rankdpo_trainer  # noqa: E402
 
 TRAIN_CAPTION_SEED = 101
 HELD_OUT_CAPTION_SEED = 202
 EVAL_NOISE_SEED = 303
+SELECTION_NOISE_SEED = 5000
 LOSSES = ("rankdpo", "dpo")
 JUDGE = "attribute-judge"
 TRAINING_REWARD_CHOICES = ("toy-clip", "toy-alignment-a", "toy-quality-p")
@@ -115,6 +119,21 @@ def build_synpic(folder: Path, captions: list[str], generators: int, steps: int,
 def learning_rate(loss: str, args: argparse.Namespace) -> float:
     """--learning-rate, or --rankdpo-learning-rate for RankDPO when given (the drift-matched variant)."""
     return args.rankdpo_learning_rate if loss == "rankdpo" and args.rankdpo_learning_rate else args.learning_rate
+
+
+@torch.no_grad()
+def best_of_k_scores(pipeline, reward_models: list, training_rewards: list[str], captions: list[str],
+                     args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """What the preference data points at, without training: per caption, ``args.generators`` fresh pictures of the
+    base model (picture j of caption i from noise seed ``SELECTION_NOISE_SEED + j N + i``), and the one with the highest Syn-Pic win rate under
+    the training rewards (first of equals). Returns that picture's scores under every reward: name -> (N,)."""
+    candidates = [score_all(reward_models, generate(pipeline, captions, SELECTION_NOISE_SEED + len(captions) * index,
+                                                    args.sampling_steps, args.guidance), captions)
+                  for index in range(args.generators)]
+    stacked = {name: torch.stack([scores[name] for scores in candidates], dim=-1) for name in candidates[0]}  # (N, k)
+    win_rates = syn_pic_win_rates(torch.stack([stacked[name] for name in training_rewards], dim=1))  # (N, k)
+    best = win_rates.argmax(dim=-1, keepdim=True)
+    return {name: values.gather(-1, best).squeeze(-1) for name, values in stacked.items()}
 
 
 def shuffled_labels(dataset: Path, seed: int = 0) -> Path:
@@ -209,6 +228,7 @@ def main(argv=None) -> dict[str, float]:
         pipeline = load_pipeline()
         base_pictures = generate(pipeline, eval_captions, EVAL_NOISE_SEED, args.sampling_steps, args.guidance)
         base_scores = score_all(reward_models, base_pictures, eval_captions)
+        selected_scores = best_of_k_scores(pipeline, reward_models, args.training_rewards, eval_captions, args)
         results: dict[str, dict[str, list[float]]] = {}  # "<loss>_s<budget>" -> metric -> one value per seed
         for seed in args.seeds:
             for budget in args.steps:
@@ -237,6 +257,9 @@ def main(argv=None) -> dict[str, float]:
             numbers[f"{run}_{key}"] = statistics.mean(values)
             numbers[f"{run}_{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
             numbers[f"{run}_{key}_min"] = min(values)
+    for name, values in selected_scores.items():
+        numbers[f"best_of_k_win_{name}"] = win_rate(values, base_scores[name])
+        numbers[f"best_of_k_mean_{name}"] = float(values.mean())
     judge, last = JUDGE, args.steps[-1]
     for budget in args.steps:
         numbers[f"target_met_s{budget}"] = float(target_met(numbers, budget, base_scores))
@@ -256,7 +279,10 @@ def main(argv=None) -> dict[str, float]:
         verdict = "met" if numbers[f"target_met_s{budget}"] else "not met"
         lines.append(f"{budget} steps: " + "; ".join(parts) + f"; target {verdict}")
     held_out = [name for name in base_scores if name not in args.training_rewards]
+    selection = ", ".join(f"{name} {numbers[f'best_of_k_win_{name}']:.3f}" for name in base_scores)
     summary = ("win rate vs base by training budget. " + ". ".join(lines)
+               + f". No training, best of {args.generators} base pictures by the training rewards' win rates: "
+               f"{selection}, judge mean {numbers[f'best_of_k_mean_{judge}']:.3f}"
                + f". Base judge mean {numbers[f'base_mean_{judge}']:.3f}; ratio (RankDPO / DPO win rate under the "
                f"held-out judge at {last} steps) {numbers['ratio']:.3f}; {len(args.seeds)} seeds x "
                f"{args.batch_size} groups, k = {args.generators}, trained on {' + '.join(args.training_rewards)} "
