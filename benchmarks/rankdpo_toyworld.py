@@ -125,8 +125,9 @@ def learning_rate(loss: str, args: argparse.Namespace) -> float:
 def best_of_k_scores(pipeline, reward_models: list, training_rewards: list[str], captions: list[str],
                      args: argparse.Namespace) -> dict[str, torch.Tensor]:
     """What the preference data points at, without training: per caption, ``args.generators`` fresh pictures of the
-    base model (picture j of caption i from noise seed ``SELECTION_NOISE_SEED + j N + i``), and the one with the highest Syn-Pic win rate under
-    the training rewards (first of equals). Returns that picture's scores under every reward: name -> (N,)."""
+    base model (picture j of caption i from noise seed ``SELECTION_NOISE_SEED + j N + i``), and the one with the
+    highest Syn-Pic win rate under the training rewards (first of equals). Returns its scores under every reward:
+    name -> (N,)."""
     candidates = [score_all(reward_models, generate(pipeline, captions, SELECTION_NOISE_SEED + len(captions) * index,
                                                     args.sampling_steps, args.guidance), captions)
                   for index in range(args.generators)]
