@@ -32,6 +32,7 @@ Run: python benchmarks/rankdpo_toyworld.py [--steps 100 200 300] [--seeds 0 1 2]
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -40,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,6 +50,7 @@ from common import limit_threads, write_results  # noqa: E402
 from comfyui_refinery.benchmarks.toyworld import data, rewards  # noqa: E402
 from comfyui_refinery.core.rankdpo import DISCOUNT_RANKS  # noqa: E402
 from comfyui_refinery.core.reward_aggregation import syn_pic_win_rates  # noqa: E402
+from comfyui_refinery.trainers.common.atomic import atomic_write_text  # noqa: E402
 from comfyui_refinery.trainers.rankdpo import train as rankdpo_trainer  # noqa: E402
 
 TRAIN_CAPTION_SEED = 101
@@ -140,10 +143,6 @@ def best_of_k_scores(pipeline, reward_models: list, training_rewards: list[str],
 def shuffled_labels(dataset: Path, seed: int = 0) -> Path:
     """The "Random Labelling" control (rankdpo.txt Tab. 4): ``index-random-labels.jsonl`` beside ``dataset``'s index,
     the same groups with each group's win rates permuted (seeded, numpy). Returns the new index file."""
-    import json
-
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     lines = []
     for line in (dataset / "index.jsonl").read_text().splitlines():
@@ -152,11 +151,7 @@ def shuffled_labels(dataset: Path, seed: int = 0) -> Path:
             group["win_rates"] = [group["win_rates"][index] for index in rng.permutation(len(group["win_rates"]))]
             group.pop("scores", None)  # the scores no longer explain the labels
             lines.append(json.dumps(group))
-    shuffled = dataset / "index-random-labels.jsonl"
-    temporary = shuffled.with_suffix(".jsonl.tmp")
-    temporary.write_text("\n".join(lines) + "\n")
-    os.replace(temporary, shuffled)
-    return shuffled
+    return atomic_write_text(dataset / "index-random-labels.jsonl", "\n".join(lines) + "\n")
 
 
 def train_one(dataset: Path, output: Path, loss: str, seed: int, steps: int, args: argparse.Namespace) -> Path:
