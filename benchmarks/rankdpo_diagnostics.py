@@ -1,0 +1,120 @@
+"""Why the shipped RankDPO / DPO LoRAs lose under the held-out attribute judge (issue 7's analysis): figures for
+``rankdpo_toyworld.py``'s reading, from the LoRAs in ``benchmarks/toyworld/models/loras`` (seed 0, 300 steps).
+
+- Rendered scenes (ground truth): each toy reward's mean on the captioned picture, the same background with the
+  object removed, and the object in another colour. It shows what the training rewards prefer over what.
+- Held-out captions, base against each LoRA, from the same noise: how many captions the judge loses and gains, and
+  the judge's win rate split by object size (large / small).
+- The same win rate under a judge that reads the background tone from the picture's 2-pixel border instead of the
+  caption. This tests whether the drop is an artefact of the caption's tone.
+
+Run: python benchmarks/rankdpo_diagnostics.py [--threads 2] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import rankdpo_toyworld as bench  # noqa: E402
+from common import limit_threads, write_results  # noqa: E402
+
+from comfyui_refinery.benchmarks.toyworld import rewards, scenes  # noqa: E402
+from comfyui_refinery.benchmarks.toyworld.train_tiny_sd import classify_object  # noqa: E402
+
+RENDER_SEED = 5
+BORDER = 2
+
+
+def rendered_variants(count: int) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """``count`` single-object plain-background scenes: captions and pictures (count, 64, 64, 3) in [0, 1] as
+    captioned ("right"), without the object ("empty") and with the object in another palette colour ("recoloured")."""
+    rng = np.random.default_rng(RENDER_SEED)
+    captions, pictures = [], {"right": [], "empty": [], "recoloured": []}
+    while len(captions) < count:
+        scene = scenes.sample_scene(rng, 64, max_groups=1)
+        if scene.background != "plain" or scene.objects[0].count != 1:
+            continue
+        others = [colour for colour in scenes.COLOURS if colour != scene.objects[0].colour]
+        captions.append(scenes.caption(scene))
+        pictures["right"].append(scenes.render(scene))
+        pictures["empty"].append(scenes.render(scene, skip={(0, 0)}))
+        pictures["recoloured"].append(scenes.render(scene, colours={0: others[int(rng.integers(len(others)))]}))
+    return captions, {name: torch.tensor(np.stack(values)).float() / 255 for name, values in pictures.items()}
+
+
+def border_tone_judge(pictures: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """The attribute judge with the background tone taken as the median of the picture's border pixels.
+    pictures: (N, H, W, 3) in [0, 1]. Returns (N,) in {0, 0.5, 1}."""
+    scores = []
+    for picture, caption in zip((pictures.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), captions):
+        colour, shape, _ = rewards.parse_single_object_caption(caption)
+        frame = np.concatenate([picture[:BORDER].reshape(-1, 3), picture[-BORDER:].reshape(-1, 3),
+                                picture[:, :BORDER].reshape(-1, 3), picture[:, -BORDER:].reshape(-1, 3)])
+        tone = tuple(int(value) for value in np.median(frame, axis=0))
+        found_colour, found_shape = classify_object(np.ascontiguousarray(picture), tone)
+        scores.append(0.5 * (found_colour == colour) + 0.5 * (found_shape == shape))
+    return torch.tensor(scores, dtype=torch.float32)
+
+
+def main(argv=None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--eval-prompts", type=int, default=96)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    threads = args.threads or limit_threads()
+    torch.set_num_threads(threads)
+    reward_table = bench.all_rewards()
+    reward_models = list(reward_table.values())
+    numbers: dict[str, float] = {}
+
+    captions, variants = rendered_variants(64)
+    for variant, pictures in variants.items():
+        for name, values in bench.score_all(reward_models, pictures, captions).items():
+            numbers[f"rendered_{variant}_mean_{name}"] = float(values.mean())
+
+    eval_captions = rewards.single_object_captions(args.eval_prompts, bench.HELD_OUT_CAPTION_SEED)
+    large = torch.tensor([" large " in caption for caption in eval_captions])
+    judge = reward_table[bench.JUDGE]
+    pipeline = bench.load_pipeline()
+    base = bench.generate(pipeline, eval_captions, bench.EVAL_NOISE_SEED, 20, 4.0)
+    base_judge, base_border = judge.score(base, eval_captions), border_tone_judge(base, eval_captions)
+    numbers["base_mean_border_judge"] = float(base_border.mean())
+    for loss in bench.LOSSES:
+        pipeline.load_lora_weights(str(bench.SHIPPED_LORAS / f"{loss}.safetensors"), adapter_name=loss)
+        tuned = bench.generate(pipeline, eval_captions, bench.EVAL_NOISE_SEED, 20, 4.0)
+        pipeline.unload_lora_weights()
+        tuned_judge, tuned_border = judge.score(tuned, eval_captions), border_tone_judge(tuned, eval_captions)
+        numbers[f"{loss}_judge_lost"] = float((tuned_judge < base_judge).sum())
+        numbers[f"{loss}_judge_gained"] = float((tuned_judge > base_judge).sum())
+        numbers[f"{loss}_judge_win_large"] = bench.win_rate(tuned_judge[large], base_judge[large])
+        numbers[f"{loss}_judge_win_small"] = bench.win_rate(tuned_judge[~large], base_judge[~large])
+        numbers[f"{loss}_border_judge_win"] = bench.win_rate(tuned_border, base_border)
+        numbers[f"{loss}_mean_border_judge"] = float(tuned_border.mean())
+
+    rendered = "; ".join(f"{name} " + " / ".join(f"{numbers[f'rendered_{variant}_mean_{name}']:.3f}"
+                                                for variant in variants) for name in reward_table)
+    per_loss = "; ".join(
+        f"{loss}: judge lost {numbers[f'{loss}_judge_lost']:.0f} / gained {numbers[f'{loss}_judge_gained']:.0f} of "
+        f"{len(eval_captions)}, win large {numbers[f'{loss}_judge_win_large']:.3f} / small "
+        f"{numbers[f'{loss}_judge_win_small']:.3f}, border-tone judge win {numbers[f'{loss}_border_judge_win']:.3f}"
+        for loss in bench.LOSSES)
+    summary = (f"rendered scenes, right / empty / recoloured: {rendered}. Shipped LoRAs against the base on "
+               f"{len(eval_captions)} held-out captions ({int(large.sum())} large objects): {per_loss}; "
+               f"{threads} threads")
+    print(summary)
+    if not args.no_write:
+        write_results("rankdpo_diagnostics", numbers,
+                      "python benchmarks/rankdpo_diagnostics.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                      summary)
+    return numbers
+
+
+if __name__ == "__main__":
+    main()
