@@ -3,7 +3,8 @@ spread over at least 3 seeds).
 
 Data (Syn-Pic, rankdpo.txt sec. 3.2, built by ``refinery-synpic``'s code): --prompts single-object captions on plain
 backgrounds ("a small red circle on a plain grey background"); k = 4 generators = 4 seeds of the shipped tiny-sd
-(20 DDIM steps, guidance 4); n = 2 rewards (``--training-rewards``, ``benchmarks/toyworld/rewards.py``), by
+(20 DDIM steps, guidance 4), or with ``--generator-set mixed`` 4 sampler settings of different quality
+(MIXED_GENERATORS, the toy counterpart of the paper's four models); n = 2 rewards (``--training-rewards``, ``benchmarks/toyworld/rewards.py``), by
 default two alignment rewards: toy-clip CLIPScore and the G-Refine alignment score a (AQ-Map); win rates phi.
 ``--training-rewards toy-clip toy-quality-p`` is the first design (CLIPScore + the PQ score p): on its data p orders
 pairs of pictures against the attribute judge (42 % agreement on pairs the judge separates, phi 52 %), so the
@@ -26,7 +27,7 @@ the same base pictures (what a perfect distillation of the preference could give
 at that budget, RankDPO's mean win rate beats DPO's and DPO's beats 0.5 under every reward.
 
 Run: python benchmarks/rankdpo_toyworld.py [--steps 100 200 300] [--seeds 0 1 2] [--threads 2] [--ship-loras]
-[--no-write] [--training-rewards toy-clip toy-alignment-a] [--labels rewards|random]
+[--no-write] [--training-rewards toy-clip toy-alignment-a] [--labels rewards|random] [--generator-set seeds|mixed]
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ LOSSES = ("rankdpo", "dpo")
 JUDGE = "attribute-judge"
 TRAINING_REWARD_CHOICES = ("toy-clip", "toy-alignment-a", "toy-quality-p")
 SHIPPED_LORAS = data.MODELS_DIR / "loras"
+# --generator-set mixed: k = 4 sampler settings of tiny-sd, (sampling steps, guidance), of increasing quality (judge
+# mean on the 96 held-out captions: 0.214, 0.245, 0.271, 0.30), the toy counterpart of the paper's four generators of
+# different strength; the third is the base model's own setting (--sampling-steps 20, --guidance 4).
+MIXED_GENERATORS = ((5, 4.0), (20, 1.0), (20, 4.0), (40, 7.0))
 
 
 def load_pipeline():
@@ -100,10 +105,19 @@ def all_rewards() -> dict:
                                                rewards.ToyQualityReward(), rewards.AttributeJudge())}
 
 
-def build_synpic(folder: Path, captions: list[str], generators: int, steps: int, guidance: float, threads: int,
+def generator_settings(args: argparse.Namespace) -> list[tuple[int, float]]:
+    """The k generators as (sampling steps, guidance): --generators copies of the base setting (k seeds of one
+    model), or MIXED_GENERATORS (--generator-set mixed)."""
+    if args.generator_set == "mixed":
+        return list(MIXED_GENERATORS)
+    return [(args.sampling_steps, args.guidance)] * args.generators
+
+
+def build_synpic(folder: Path, captions: list[str], generators: list[tuple[int, float]], threads: int,
                  training_rewards: list) -> Path:
-    """The Syn-Pic dataset of ``captions`` (``refinery-synpic``'s code): ``generators`` seeds of tiny-sd, ranked by
-    ``training_rewards``. Returns the dataset folder."""
+    """The Syn-Pic dataset of ``captions`` (``refinery-synpic``'s code): one generator of tiny-sd per (sampling
+    steps, guidance) of ``generators``, each with its own seed, ranked by ``training_rewards``. Returns the dataset
+    folder."""
     from comfyui_refinery.trainers.synpic.config import GeneratorSpec, SynPicConfig
     from comfyui_refinery.trainers.synpic.run import build_dataset
 
@@ -111,9 +125,10 @@ def build_synpic(folder: Path, captions: list[str], generators: int, steps: int,
     prompts.parent.mkdir(parents=True, exist_ok=True)
     prompts.write_text("\n".join(captions) + "\n")
     config = SynPicConfig(
-        prompts=prompts, output_dir=folder / "synpic", rewards=(), steps=steps, guidance_scale=guidance,
-        generators=tuple(GeneratorSpec(name=f"seed-{index}", model=data.TOY_SD_FOLDER, seed=index)
-                         for index in range(generators)),
+        prompts=prompts, output_dir=folder / "synpic", rewards=(),
+        generators=tuple(GeneratorSpec(name=f"seed-{index}-steps{steps}-cfg{guidance:g}", model=data.TOY_SD_FOLDER,
+                                       seed=index, steps=steps, guidance_scale=guidance)
+                         for index, (steps, guidance) in enumerate(generators)),
         batch_size=32, seed=0, threads=threads, device="cpu")
     build_dataset(config, training_rewards)
     return config.output_dir
@@ -127,13 +142,13 @@ def learning_rate(loss: str, args: argparse.Namespace) -> float:
 @torch.no_grad()
 def best_of_k_scores(pipeline, reward_models: list, training_rewards: list[str], captions: list[str],
                      args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    """What the preference data points at, without training: per caption, ``args.generators`` fresh pictures of the
-    base model (picture j of caption i from noise seed ``SELECTION_NOISE_SEED + j N + i``), and the one with the
-    highest Syn-Pic win rate under the training rewards (first of equals). Returns its scores under every reward:
-    name -> (N,)."""
+    """What the preference data points at, without training: per caption, one fresh picture of each of the k
+    generators (``generator_settings``; picture j of caption i from noise seed ``SELECTION_NOISE_SEED + j N + i``),
+    and the one with the highest Syn-Pic win rate under the training rewards (first of equals). Returns its scores
+    under every reward: name -> (N,)."""
     candidates = [score_all(reward_models, generate(pipeline, captions, SELECTION_NOISE_SEED + len(captions) * index,
-                                                    args.sampling_steps, args.guidance), captions)
-                  for index in range(args.generators)]
+                                                    steps, guidance), captions)
+                  for index, (steps, guidance) in enumerate(generator_settings(args))]
     stacked = {name: torch.stack([scores[name] for scores in candidates], dim=-1) for name in candidates[0]}  # (N, k)
     win_rates = syn_pic_win_rates(torch.stack([stacked[name] for name in training_rewards], dim=1))  # (N, k)
     best = win_rates.argmax(dim=-1, keepdim=True)
@@ -169,6 +184,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-prompts", type=int, default=192)
     parser.add_argument("--eval-prompts", type=int, default=96)
     parser.add_argument("--generators", type=int, default=4, help="k seeds of tiny-sd per prompt")
+    parser.add_argument("--generator-set", choices=("seeds", "mixed"), default="seeds",
+                        help="seeds: --generators seeds of the base sampler setting; mixed: the 4 sampler settings "
+                        "of MIXED_GENERATORS, of different quality (like the paper's 4 models)")
     parser.add_argument("--sampling-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 200, 300],
@@ -196,6 +214,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if min(args.steps) < 1:
         parser.error(f"--steps must be positive, got {args.steps}.")
     args.steps = sorted(set(args.steps))
+    if args.generator_set == "mixed":
+        args.generators = len(MIXED_GENERATORS)
     return args
 
 
@@ -215,8 +235,8 @@ def main(argv=None) -> dict[str, float]:
         train_captions = rewards.single_object_captions(args.train_prompts, TRAIN_CAPTION_SEED)
         eval_captions = rewards.single_object_captions(args.eval_prompts, HELD_OUT_CAPTION_SEED)
         reward_table = all_rewards()
-        dataset = build_synpic(work / "data", train_captions, args.generators, args.sampling_steps, args.guidance,
-                               args.threads, [reward_table[name] for name in args.training_rewards])
+        dataset = build_synpic(work / "data", train_captions, generator_settings(args), args.threads,
+                               [reward_table[name] for name in args.training_rewards])
         if args.labels == "random":
             dataset = shuffled_labels(dataset)
         data_seconds = time.perf_counter() - started
@@ -281,7 +301,7 @@ def main(argv=None) -> dict[str, float]:
                f"{selection}, judge mean {numbers[f'best_of_k_mean_{judge}']:.3f}"
                + f". Base judge mean {numbers[f'base_mean_{judge}']:.3f}; ratio (RankDPO / DPO win rate under the "
                f"held-out judge at {last} steps) {numbers['ratio']:.3f}; {len(args.seeds)} seeds x "
-               f"{args.batch_size} groups, k = {args.generators}, trained on {' + '.join(args.training_rewards)} "
+               f"{args.batch_size} groups, k = {args.generators} ({args.generator_set}), trained on {' + '.join(args.training_rewards)} "
                f"({args.labels} labels; held out: {', '.join(held_out)}), {args.train_prompts} train / "
                f"{args.eval_prompts} held-out captions, beta {args.beta:g}, DCG ranks by the {args.dcg_ranks}; "
                f"{args.threads} threads, {numbers['seconds']:.0f} s")
