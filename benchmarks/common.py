@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -79,8 +80,17 @@ def median_seconds(function, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def write_results(script: str, numbers: dict[str, float], command: str, summary: str) -> Path:
-    """Write ``results/<script>.json`` (a flat object of named numbers) and append a line to RESULTS.md."""
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """The command that reproduces a run, as RESULTS.md records it: ``python benchmarks/<script>.py`` and the
+    arguments ``argv`` (those of this process when None), shell-quoted."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join(["python", f"benchmarks/{script}.py", *arguments])
+
+
+def write_results(script: str, numbers: dict[str, float], summary: str, argv: list[str] | None = None) -> Path:
+    """Write ``results/<script>.json`` (a flat object of named numbers) and append a line to RESULTS.md: the date,
+    the command (:func:`command_line` of ``script`` and ``argv``) and ``summary``."""
+    command = command_line(script, argv)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{script}.json"
     temporary = path.with_suffix(".json.tmp")

@@ -125,8 +125,7 @@ def main(argv=None) -> dict[str, float]:
                f"{time.perf_counter() - started:.0f} s")
     print(summary)
     if not args.no_write:
-        command = "python benchmarks/focus_n_fix_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_results("focus_n_fix_memory", numbers, command, summary)
+        write_results("focus_n_fix_memory", numbers, summary, argv)
     return numbers
 
 

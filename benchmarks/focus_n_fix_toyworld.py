@@ -193,9 +193,7 @@ def main(argv=None) -> dict[str, float]:
         f"{args.threads} threads, {numbers['seconds']:.0f} s")
     print(summary)
     if not args.no_write:
-        write_results("focus_n_fix_toyworld", numbers,
-                      "python benchmarks/focus_n_fix_toyworld.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                      summary)
+        write_results("focus_n_fix_toyworld", numbers, summary, argv)
     return numbers
 
 

@@ -70,7 +70,7 @@ def main(argv=None) -> dict[str, float]:
         f"ratio {numbers['ratio']:.3f} (target <= 1.3), ViT-B/16 shape, {phrases} phrases, {cores} threads, CPU"
     )
     print(summary)
-    write_results("maps_speed", numbers, "python benchmarks/maps_speed.py", summary)
+    write_results("maps_speed", numbers, summary, argv)
     return numbers
 
 

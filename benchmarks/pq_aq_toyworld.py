@@ -165,7 +165,7 @@ def main(argv=None) -> dict[str, float]:
         f"false flags {aq_rows['aq_calibrated']['false_flag_rate_phrases']:.3f} (a_bound {bound:.3f})"
     )
     if not args.no_write:
-        write_results("pq_aq_toyworld", numbers, "python benchmarks/pq_aq_toyworld.py", summary)
+        write_results("pq_aq_toyworld", numbers, summary, argv)
     return numbers
 
 

@@ -110,9 +110,7 @@ def main(argv=None) -> dict[str, float]:
                f"{threads} threads")
     print(summary)
     if not args.no_write:
-        write_results("rankdpo_diagnostics", numbers,
-                      "python benchmarks/rankdpo_diagnostics.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                      summary)
+        write_results("rankdpo_diagnostics", numbers, summary, argv)
     return numbers
 
 

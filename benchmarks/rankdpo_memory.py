@@ -147,8 +147,7 @@ def main(argv=None) -> dict[str, float]:
                f"median of {args.repeats} fresh processes per arm, {threads} threads, {time.perf_counter() - started:.0f} s")
     print(summary)
     if not args.no_write:
-        command = "python benchmarks/rankdpo_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_results("rankdpo_memory", numbers, command, summary)
+        write_results("rankdpo_memory", numbers, summary, argv)
     return numbers
 
 

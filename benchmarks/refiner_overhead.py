@@ -374,8 +374,7 @@ def main(argv=None) -> dict[str, float]:
     )
     print(summary)
     if not args.no_write:
-        command = "python benchmarks/refiner_overhead.py" + "".join(f" {arg}" for arg in (argv or sys.argv[1:]))
-        write_results("refiner_overhead", numbers, command, summary)
+        write_results("refiner_overhead", numbers, summary, argv)
     return numbers
 
 

@@ -490,7 +490,7 @@ def main(argv=None) -> dict[str, float]:
     summary = summary_line(numbers, args.threads, seconds)
     print(summary)
     if not args.no_write:
-        write_results("refiner_toyworld", numbers, "python benchmarks/refiner_toyworld.py", summary)
+        write_results("refiner_toyworld", numbers, summary, argv)
     return numbers
 
 

@@ -73,10 +73,11 @@ def main(argv=None) -> dict[str, float]:
     numbers["ratio"] = numbers["vit_b16_speedup"]
     if not args.no_write:
         write_results(
-            "scoring_speed", numbers, "python benchmarks/scoring_speed.py",
+            "scoring_speed", numbers,
             f"16 images 512 px, CLIPScore, {cores} CPU threads: batched vs per-image loop {numbers['ratio']:.2f}x on a "
             f"ViT-B/16-shaped tower ({numbers['vit_b16_batched_seconds']:.2f} s vs "
             f"{numbers['vit_b16_loop_seconds']:.2f} s), {numbers['toy_clip_speedup']:.2f}x on toy-clip",
+            argv,
         )
     return numbers
 

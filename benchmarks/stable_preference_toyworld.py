@@ -198,7 +198,7 @@ def main(argv=None) -> dict[str, float]:
         f"{seconds['stable_preference']:.0f} s (full)"
     )
     if not args.no_write:
-        write_results("stable_preference_toyworld", numbers, "python benchmarks/stable_preference_toyworld.py", summary)
+        write_results("stable_preference_toyworld", numbers, summary, argv)
     return numbers
 
 
