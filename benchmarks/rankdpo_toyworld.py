@@ -17,17 +17,22 @@ projections), steps, batch, learning rate, beta and seed, ``--loss rankdpo`` (DC
 ``--loss dpo`` (best vs worst image of each prompt); --seeds training seeds each, for every training budget of
 --steps (one run per budget: the cosine schedule spans the run, so a budget is not a prefix of a longer run).
 
-Evaluation on held-out captions: each model generates one picture per caption from the same initial noise as the
-base model; win rate against the base = fraction of captions where the fine-tuned picture scores higher (ties count
+Evaluation captions are drawn with another seed than the training ones, but from the same small caption space (96
+captions: size x colour x shape x background tone), so by default (``--eval-captions overlapping``) 48 of the 54
+distinct evaluation captions are also training captions: the pictures are new (fresh noise), the captions mostly not.
+``--eval-captions unseen`` drops every evaluation caption from the training prompts (drawn on from the training seed
+until --train-prompts are found), so the evaluation is on captions the training never saw. Each model generates one
+picture per evaluation caption from the same initial noise as the base model; win rate against the base = fraction of captions where the fine-tuned picture scores higher (ties count
 half), under each of the four toy rewards: the training ones, and the held-out ones, always including the attribute
 judge (a GenEval-like check of the object's colour and shape, never used in training); plus each reward's mean and
 the mean pixel change against the base pictures (how far the LoRA moved them). For scale, ``best_of_k_*``: with no
-training, the best of k fresh base pictures per held-out caption by the training rewards' Syn-Pic win rates, against
+training, the best of k fresh base pictures per evaluation caption by the training rewards' Syn-Pic win rates, against
 the same base pictures (what a perfect distillation of the preference could give). ``target_met_s<steps>`` is 1 when,
 at that budget, RankDPO's mean win rate beats DPO's and DPO's beats 0.5 under every reward.
 
 Run: python benchmarks/rankdpo_toyworld.py [--steps 100 200 300] [--seeds 0 1 2] [--threads 2] [--ship-loras]
 [--no-write] [--training-rewards toy-clip toy-alignment-a] [--labels rewards|random] [--generator-set seeds|mixed]
+[--eval-captions overlapping|unseen]
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ JUDGE = "attribute-judge"
 TRAINING_REWARD_CHOICES = ("toy-clip", "toy-alignment-a", "toy-quality-p")
 SHIPPED_LORAS = data.MODELS_DIR / "loras"
 # --generator-set mixed: k = 4 sampler settings of tiny-sd, (sampling steps, guidance), of increasing quality (judge
-# mean on the 96 held-out captions: 0.214, 0.245, 0.271, 0.30), the toy counterpart of the paper's four generators of
+# mean on the 96 evaluation captions: 0.214, 0.245, 0.271, 0.30), the toy counterpart of the paper's four generators of
 # different strength; the third is the base model's own setting (--sampling-steps 20, --guidance 4).
 MIXED_GENERATORS = ((5, 4.0), (20, 1.0), (20, 4.0), (40, 7.0))
 
@@ -179,6 +184,21 @@ def train_one(dataset: Path, output: Path, loss: str, seed: int, steps: int, arg
     return rankdpo_trainer.train(config)
 
 
+def training_captions(count: int, excluded: set[str]) -> list[str]:
+    """``count`` training captions from TRAIN_CAPTION_SEED's draw, skipping those in ``excluded`` (the evaluation
+    captions for ``--eval-captions unseen``); ValueError when the caption space left is too small to draw from."""
+    draw = count
+    while True:
+        captions = [caption for caption in rewards.single_object_captions(draw, TRAIN_CAPTION_SEED)
+                    if caption not in excluded]
+        if len(captions) >= count:
+            return captions[:count]
+        if draw > 64 * count:
+            raise ValueError(f"Cannot draw {count} training captions outside the {len(excluded)} evaluation "
+                             "captions: use fewer --eval-prompts or --eval-captions overlapping.")
+        draw *= 2
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-prompts", type=int, default=192)
@@ -204,6 +224,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "never one of them)")
     parser.add_argument("--labels", choices=("rewards", "random"), default="rewards",
                         help="random: each group's win rates shuffled (the paper's Random Labelling control)")
+    parser.add_argument("--eval-captions", choices=("overlapping", "unseen"), default="overlapping",
+                        help="unseen: no evaluation caption among the training prompts (default: both drawn from the "
+                        "same 96-caption space, so most evaluation captions also occur in training)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the data and LoRAs here (default: a "
                         "temporary folder)")
@@ -232,8 +255,9 @@ def main(argv=None) -> dict[str, float]:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work_dir or Path(scratch)
-        train_captions = rewards.single_object_captions(args.train_prompts, TRAIN_CAPTION_SEED)
         eval_captions = rewards.single_object_captions(args.eval_prompts, HELD_OUT_CAPTION_SEED)
+        train_captions = training_captions(args.train_prompts, set(eval_captions) if args.eval_captions == "unseen"
+                                           else set())
         reward_table = all_rewards()
         dataset = build_synpic(work / "data", train_captions, generator_settings(args), args.threads,
                                [reward_table[name] for name in args.training_rewards])
@@ -280,6 +304,8 @@ def main(argv=None) -> dict[str, float]:
     for budget in args.steps:
         numbers[f"target_met_s{budget}"] = float(target_met(numbers, budget, base_scores))
     numbers["ratio"] = numbers[f"rankdpo_s{last}_win_{judge}"] / max(numbers[f"dpo_s{last}_win_{judge}"], 1e-9)
+    numbers["eval_captions_distinct"] = float(len(set(eval_captions)))
+    numbers["eval_captions_seen_in_training"] = float(len(set(eval_captions) & set(train_captions)))
     numbers.update(seeds=float(len(args.seeds)), steps=float(last), train_prompts=float(args.train_prompts),
                    eval_prompts=float(args.eval_prompts), generators=float(args.generators),
                    data_seconds=data_seconds, seconds=time.perf_counter() - started, threads=float(args.threads))
@@ -303,7 +329,8 @@ def main(argv=None) -> dict[str, float]:
                f"held-out judge at {last} steps) {numbers['ratio']:.3f}; {len(args.seeds)} seeds x "
                f"{args.batch_size} groups, k = {args.generators} ({args.generator_set}), trained on {' + '.join(args.training_rewards)} "
                f"({args.labels} labels; held out: {', '.join(held_out)}), {args.train_prompts} train / "
-               f"{args.eval_prompts} held-out captions, beta {args.beta:g}, DCG ranks by the {args.dcg_ranks}; "
+               f"{args.eval_prompts} evaluation captions ({len(set(eval_captions))} distinct, "
+               f"{len(set(eval_captions) & set(train_captions))} of them among the training ones), beta {args.beta:g}, DCG ranks by the {args.dcg_ranks}; "
                f"{args.threads} threads, {numbers['seconds']:.0f} s")
     print(summary)
     if not args.no_write:

@@ -1,6 +1,7 @@
 """Benchmark helpers that decide what a result means: the command RESULTS.md records for a run, and the
 random-direction LoRA of the RankDPO diagnostics (same keys, ranks, alphas; each module's update a random rank-r
-matrix of a chosen multiple of the trained update's norm)."""
+matrix of a chosen multiple of the trained update's norm), and the RankDPO benchmark's training captions for an
+evaluation on unseen captions."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ pytest.importorskip("diffusers")
 
 from comfyui_refinery.benchmarks import common  # noqa: E402
 from comfyui_refinery.benchmarks import rankdpo_diagnostics as diagnostics  # noqa: E402
+from comfyui_refinery.benchmarks import rankdpo_toyworld as toyworld_benchmark  # noqa: E402
+from comfyui_refinery.benchmarks.toyworld import rewards  # noqa: E402
 
 
 def test_command_line_records_the_arguments_shell_quoted():
@@ -62,3 +65,16 @@ def test_random_direction_lora_is_deterministic_per_seed(tmp_path):
     other = load_file(str(diagnostics.random_direction_lora(tmp_path / "trained.safetensors", tmp_path / "3.safetensors", 8)))
     assert all(torch.equal(first[key], again[key]) for key in first)
     assert not torch.equal(first["lora_unet_a_to_q.lora_up.weight"], other["lora_unet_a_to_q.lora_up.weight"])
+
+
+def test_training_captions_for_unseen_evaluation_avoid_every_evaluation_caption():
+    evaluation = set(rewards.single_object_captions(48, toyworld_benchmark.HELD_OUT_CAPTION_SEED))
+    overlapping = toyworld_benchmark.training_captions(192, set())
+    assert overlapping == rewards.single_object_captions(192, toyworld_benchmark.TRAIN_CAPTION_SEED)
+    assert set(overlapping) & evaluation  # the default draw shares captions with the evaluation
+    unseen = toyworld_benchmark.training_captions(192, evaluation)
+    assert len(unseen) == 192 and not set(unseen) & evaluation
+    assert unseen == toyworld_benchmark.training_captions(192, evaluation)  # deterministic
+    everything = set(rewards.single_object_captions(2000, toyworld_benchmark.TRAIN_CAPTION_SEED))
+    with pytest.raises(ValueError, match="--eval-captions overlapping"):
+        toyworld_benchmark.training_captions(10, everything)
