@@ -4,8 +4,8 @@ spread over at least 3 seeds).
 Data (Syn-Pic, rankdpo.txt sec. 3.2, built by ``refinery-synpic``'s code): --prompts single-object captions on plain
 backgrounds ("a small red circle on a plain grey background"); k = 4 generators = 4 seeds of the shipped tiny-sd
 (20 DDIM steps, guidance 4), or with ``--generator-set mixed`` 4 sampler settings of different quality
-(MIXED_GENERATORS, the toy counterpart of the paper's four models); n = 2 rewards (``--training-rewards``, ``benchmarks/toyworld/rewards.py``), by
-default two alignment rewards: toy-clip CLIPScore and the G-Refine alignment score a (AQ-Map); win rates phi.
+(MIXED_GENERATORS, the toy counterpart of the paper's four models); n = 2 rewards (``--training-rewards``,
+``benchmarks/toyworld/rewards.py``), by default two alignment rewards: toy-clip CLIPScore and the G-Refine alignment score a (AQ-Map); win rates phi.
 ``--training-rewards toy-clip toy-quality-p`` is the first design (CLIPScore + the PQ score p): on its data p orders
 pairs of pictures against the attribute judge (42 % agreement on pairs the judge separates, phi 52 %), so the
 preference carries no signal the judge can see; the two alignment rewards agree with the judge on 65 %.
@@ -22,8 +22,8 @@ captions: size x colour x shape x background tone), so by default (``--eval-capt
 distinct evaluation captions are also training captions: the pictures are new (fresh noise), the captions mostly not.
 ``--eval-captions unseen`` drops every evaluation caption from the training prompts (drawn on from the training seed
 until --train-prompts are found), so the evaluation is on captions the training never saw. Each model generates one
-picture per evaluation caption from the same initial noise as the base model; win rate against the base = fraction of captions where the fine-tuned picture scores higher (ties count
-half), under each of the four toy rewards: the training ones, and the held-out ones, always including the attribute
+picture per evaluation caption from the same initial noise as the base model; win rate against the base = fraction
+of captions where the fine-tuned picture scores higher (ties count half), under each of the four toy rewards: the training ones, and the held-out ones, always including the attribute
 judge (a GenEval-like check of the object's colour and shape, never used in training); plus each reward's mean and
 the mean pixel change against the base pictures (how far the LoRA moved them). For scale, ``best_of_k_*``: with no
 training, the best of k fresh base pictures per evaluation caption by the training rewards' Syn-Pic win rates, against
@@ -327,10 +327,12 @@ def main(argv=None) -> dict[str, float]:
                f"{selection}, judge mean {numbers[f'best_of_k_mean_{judge}']:.3f}"
                + f". Base judge mean {numbers[f'base_mean_{judge}']:.3f}; ratio (RankDPO / DPO win rate under the "
                f"held-out judge at {last} steps) {numbers['ratio']:.3f}; {len(args.seeds)} seeds x "
-               f"{args.batch_size} groups, k = {args.generators} ({args.generator_set}), trained on {' + '.join(args.training_rewards)} "
+               f"{args.batch_size} groups, k = {args.generators} ({args.generator_set}), trained on "
+               f"{' + '.join(args.training_rewards)} "
                f"({args.labels} labels; held out: {', '.join(held_out)}), {args.train_prompts} train / "
-               f"{args.eval_prompts} evaluation captions ({len(set(eval_captions))} distinct, "
-               f"{len(set(eval_captions) & set(train_captions))} of them among the training ones), beta {args.beta:g}, DCG ranks by the {args.dcg_ranks}; "
+               f"{args.eval_prompts} evaluation captions ({numbers['eval_captions_distinct']:.0f} distinct, "
+               f"{numbers['eval_captions_seen_in_training']:.0f} of them among the training ones), beta "
+               f"{args.beta:g}, DCG ranks by the {args.dcg_ranks}; "
                f"{args.threads} threads, {numbers['seconds']:.0f} s")
     print(summary)
     if not args.no_write:
