@@ -5,7 +5,8 @@ Data (Syn-Pic, rankdpo.txt sec. 3.2, built by ``refinery-synpic``'s code): --pro
 backgrounds ("a small red circle on a plain grey background"); k = 4 generators = 4 seeds of the shipped tiny-sd
 (20 DDIM steps, guidance 4), or with ``--generator-set mixed`` 4 sampler settings of different quality
 (MIXED_GENERATORS, the toy counterpart of the paper's four models); n = 2 rewards (``--training-rewards``,
-``benchmarks/toyworld/rewards.py``), by default two alignment rewards: toy-clip CLIPScore and the G-Refine alignment score a (AQ-Map); win rates phi.
+``benchmarks/toyworld/rewards.py``), by default two alignment rewards: toy-clip CLIPScore and the G-Refine alignment
+score a (AQ-Map); win rates phi.
 ``--training-rewards toy-clip toy-quality-p`` is the first design (CLIPScore + the PQ score p): on its data p orders
 pairs of pictures against the attribute judge (42 % agreement on pairs the judge separates, phi 52 %), so the
 preference carries no signal the judge can see; the two alignment rewards agree with the judge on 65 %.
@@ -23,8 +24,9 @@ distinct evaluation captions are also training captions: the pictures are new (f
 ``--eval-captions unseen`` drops every evaluation caption from the training prompts (drawn on from the training seed
 until --train-prompts are found), so the evaluation is on captions the training never saw. Each model generates one
 picture per evaluation caption from the same initial noise as the base model; win rate against the base = fraction
-of captions where the fine-tuned picture scores higher (ties count half), under each of the four toy rewards: the training ones, and the held-out ones, always including the attribute
-judge (a GenEval-like check of the object's colour and shape, never used in training); plus each reward's mean and
+of captions where the fine-tuned picture scores higher (ties count half), under each of the four toy rewards: the
+training ones, and the held-out ones, always including the attribute judge (a GenEval-like check of the object's
+colour and shape, never used in training); plus each reward's mean and
 the mean pixel change against the base pictures (how far the LoRA moved them). For scale, ``best_of_k_*``: with no
 training, the best of k fresh base pictures per evaluation caption by the training rewards' Syn-Pic win rates, against
 the same base pictures (what a perfect distillation of the preference could give). ``target_met_s<steps>`` is 1 when,
@@ -187,16 +189,11 @@ def train_one(dataset: Path, output: Path, loss: str, seed: int, steps: int, arg
 def training_captions(count: int, excluded: set[str]) -> list[str]:
     """``count`` training captions from TRAIN_CAPTION_SEED's draw, skipping those in ``excluded`` (the evaluation
     captions for ``--eval-captions unseen``); ValueError when the caption space left is too small to draw from."""
-    draw = count
-    while True:
-        captions = [caption for caption in rewards.single_object_captions(draw, TRAIN_CAPTION_SEED)
-                    if caption not in excluded]
-        if len(captions) >= count:
-            return captions[:count]
-        if draw > 64 * count:
-            raise ValueError(f"Cannot draw {count} training captions outside the {len(excluded)} evaluation "
-                             "captions: use fewer --eval-prompts or --eval-captions overlapping.")
-        draw *= 2
+    try:
+        return rewards.single_object_captions(count, TRAIN_CAPTION_SEED, excluded=excluded)
+    except ValueError as error:
+        raise ValueError(f"Cannot draw {count} training captions outside the {len(excluded)} evaluation captions: "
+                         "use fewer --eval-prompts or --eval-captions overlapping.") from error
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -256,8 +253,9 @@ def main(argv=None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work_dir or Path(scratch)
         eval_captions = rewards.single_object_captions(args.eval_prompts, HELD_OUT_CAPTION_SEED)
-        train_captions = training_captions(args.train_prompts, set(eval_captions) if args.eval_captions == "unseen"
-                                           else set())
+        distinct_eval_captions = set(eval_captions)
+        train_captions = training_captions(args.train_prompts, distinct_eval_captions
+                                           if args.eval_captions == "unseen" else set())
         reward_table = all_rewards()
         dataset = build_synpic(work / "data", train_captions, generator_settings(args), args.threads,
                                [reward_table[name] for name in args.training_rewards])
@@ -304,8 +302,8 @@ def main(argv=None) -> dict[str, float]:
     for budget in args.steps:
         numbers[f"target_met_s{budget}"] = float(target_met(numbers, budget, base_scores))
     numbers["ratio"] = numbers[f"rankdpo_s{last}_win_{judge}"] / max(numbers[f"dpo_s{last}_win_{judge}"], 1e-9)
-    numbers["eval_captions_distinct"] = float(len(set(eval_captions)))
-    numbers["eval_captions_seen_in_training"] = float(len(set(eval_captions) & set(train_captions)))
+    numbers["eval_captions_distinct"] = float(len(distinct_eval_captions))
+    numbers["eval_captions_seen_in_training"] = float(len(distinct_eval_captions & set(train_captions)))
     numbers.update(seeds=float(len(args.seeds)), steps=float(last), train_prompts=float(args.train_prompts),
                    eval_prompts=float(args.eval_prompts), generators=float(args.generators),
                    data_seconds=data_seconds, seconds=time.perf_counter() - started, threads=float(args.threads))

@@ -123,17 +123,27 @@ class AttributeJudge(torch.nn.Module):
         return torch.tensor(scores, dtype=torch.float32)
 
 
-def single_object_captions(count: int, seed_offset: int, colours: tuple[str, ...] | None = None) -> list[str]:
+def single_object_captions(count: int, seed_offset: int, colours: tuple[str, ...] | None = None,
+                           excluded: frozenset[str] | set[str] = frozenset()) -> list[str]:
     """``count`` distinct-seeded single-object, plain-background captions (the kind tiny-sd was measured on); only
-    objects of ``colours`` when given."""
+    objects of ``colours`` when given, never a caption of ``excluded`` (the draw is otherwise the same: excluded
+    captions are skipped, not replaced by another random stream). ValueError when 1000 * count scenes give fewer than
+    ``count`` captions (the filters leave too little of the caption space)."""
     rng = np.random.default_rng(seed_offset)
     captions = []
-    while len(captions) < count:
+    for _ in range(1000 * max(count, 1)):
+        if len(captions) == count:
+            return captions
         scene = scenes.sample_scene(rng, 64, max_groups=1)
         if scene.background == "plain" and scene.objects[0].count == 1 and (
                 colours is None or scene.objects[0].colour in colours):
-            captions.append(scenes.caption(scene))
-    return captions
+            caption = scenes.caption(scene)
+            if caption not in excluded:
+                captions.append(caption)
+    if len(captions) == count:
+        return captions
+    raise ValueError(f"Only {len(captions)} of {count} captions in {1000 * max(count, 1)} scenes: the colours "
+                     f"{colours} and {len(excluded)} excluded captions leave too little of the caption space.")
 
 
 class RedContentReward(torch.nn.Module):
