@@ -40,12 +40,13 @@ def write_clip_tokenizer_files(folder: Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
-def build_tokenizer(folder: Path):
-    """A transformers ``CLIPTokenizer`` equal to CLIP's ("a red circle" -> 49406, 320, 736, 7117, 49407)."""
+def build_tokenizer(folder: Path, context_length: int = CONTEXT_LENGTH):
+    """A transformers ``CLIPTokenizer`` equal to CLIP's ("a red circle" -> 49406, 320, 736, 7117, 49407), padding
+    to ``context_length`` with the end-of-text token."""
     from transformers import CLIPTokenizer
 
     vocab_file, merges_file = write_clip_tokenizer_files(folder)
-    return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=CONTEXT_LENGTH,
+    return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=context_length,
                          pad_token="<|endoftext|>")
 
 
@@ -71,6 +72,49 @@ def build_pipeline(seed: int, tokenizer_folder: Path):
     )
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=build_tokenizer(tokenizer_folder), unet=unet,
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+VAE_V2 = dict(
+    in_channels=3, out_channels=3, latent_channels=8, sample_size=RESOLUTION, layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(32, 64, 64), norm_num_groups=16,
+)
+"""tiny-sd v2's VAE: 4x down-sampling to (8, 16, 16) latents (v1: 4 channels and half the width)."""
+UNET_V2 = dict(
+    sample_size=RESOLUTION // 4, in_channels=8, out_channels=8, layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(64, 128, 128), attention_head_dim=32, norm_num_groups=32,
+)
+"""tiny-sd v2's UNet (5.8 M parameters): three levels (16, 8, 4 latent px), cross-attention at the first two and
+in the middle block; ``cross_attention_dim`` is the text tower's width."""
+
+
+def build_vae_v2(seed: int):
+    """A randomly initialised v2 ``AutoencoderKL`` (deterministic from ``seed``)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**VAE_V2)
+
+
+def build_unet_v2(seed: int, cross_attention_dim: int):
+    """A randomly initialised v2 ``UNet2DConditionModel`` (deterministic from ``seed``)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**UNET_V2, cross_attention_dim=cross_attention_dim)
+
+
+def assemble_pipeline(vae, unet, text_encoder, tokenizer):
+    """A ``StableDiffusionPipeline`` of the given parts with the toy world's DDIM scheduler."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
