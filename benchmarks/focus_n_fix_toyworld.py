@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import limit_threads, write_results  # noqa: E402
-from refiner_toyworld import psnr, masked_mean, ssim_map  # noqa: E402
+from comfyui_refinery.benchmarks.toyworld.measures import masked_mean, psnr, ssim_map  # noqa: E402
 
 from comfyui_refinery.benchmarks.toyworld import data, rewards  # noqa: E402
 from comfyui_refinery.core import focus_n_fix  # noqa: E402

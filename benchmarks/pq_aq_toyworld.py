@@ -23,47 +23,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import rankdata, spearmanr
+from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import limit_threads, write_results  # noqa: E402
 
 from comfyui_refinery.benchmarks.toyworld import data  # noqa: E402
+from comfyui_refinery.benchmarks.toyworld.measures import (  # noqa: E402
+    calibrated_a_bound, evaluate_aq, localisation,
+)
 from comfyui_refinery.benchmarks.toyworld.train_prompts import encode_in_batches, load_alpha  # noqa: E402
-from comfyui_refinery.core import aq_map, pq_map  # noqa: E402
+from comfyui_refinery.core import pq_map  # noqa: E402
 from comfyui_refinery.core.clip_surgery import load_quality_clip  # noqa: E402
-from comfyui_refinery.core.masks import dilate  # noqa: E402
-
-EXPECTED_DEFECT = {
-    "missing_object": aq_map.NOUN_UNMATCHED,
-    "wrong_colour": aq_map.ADJECTIVE_UNMATCHED,
-    "wrong_count": aq_map.ADJECTIVE_UNMATCHED,
-}
-
-
-def pointing_hits(defect_scores: torch.Tensor, masks: torch.Tensor, tolerance: int = 1) -> np.ndarray:
-    """defect_scores: (N, H, W) higher = more defective; masks: (N, H, W) bool. Hit = argmax inside the dilated mask."""
-    grown = dilate(masks.float(), tolerance) > 0.5 if tolerance else masks
-    flat = defect_scores.flatten(1).argmax(dim=1)
-    return grown.flatten(1)[torch.arange(len(flat)), flat].numpy()
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Mann-Whitney AUROC of ``scores`` for binary ``labels`` (ties count half)."""
-    positives = labels.sum()
-    negatives = labels.size - positives
-    ranks = rankdata(scores)
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
-def localisation(defect_scores: torch.Tensor, masks: torch.Tensor) -> tuple[float, float]:
-    """(pointing-game hit rate, mean per-picture pixel AUROC) over pictures with a defect."""
-    has_defect = masks.flatten(1).any(dim=1)
-    scores, truth = defect_scores[has_defect], masks[has_defect]
-    hits = pointing_hits(scores, truth)
-    aurocs = [auroc(s.flatten().numpy(), t.flatten().numpy()) for s, t in zip(scores, truth)]
-    return float(hits.mean()), float(np.mean(aurocs))
-
 
 def evaluate_pq(encoder, pictures, prompts, alpha, use_surgery=True) -> dict[str, float]:
     features = encode_in_batches(encoder, pictures.images, use_surgery=use_surgery)
@@ -85,43 +56,6 @@ def evaluate_random(pictures, seed: int = 0) -> dict[str, float]:
     random_score = torch.rand(len(pictures.masks), generator=generator).numpy()
     return {"pointing": pointing, "auroc": area_under,
             "spearman": float(spearmanr(random_score, pictures.area_quality.numpy()).statistic)}
-
-
-def evaluate_aq(encoder, cases, a_bound: float) -> dict[str, float]:
-    flagged_right, hits, false_flags, flagged_pictures, phrases_on_correct = 0, [], 0, 0, 0
-    defective = [case for case in cases if case.kind is not None]
-    correct = [case for case in cases if case.kind is None]
-    for case in cases:
-        features = encoder.encode_image(case.image[None])
-        result = aq_map.alignment_quality(encoder, features, [case.caption], a_bound=a_bound)
-        rows = result.reports[0]
-        if case.kind is None:
-            flags = sum(row.defect is not None for row in rows)
-            false_flags += flags
-            phrases_on_correct += len(rows)
-            flagged_pictures += int(flags > 0)
-            continue
-        target = [row for row in rows if row.noun == case.target_noun]
-        flagged_right += int(any(row.defect == EXPECTED_DEFECT[case.kind] for row in target))
-        if float(result.map.max()) > 0:
-            hits.append(bool(pointing_hits(result.map, torch.from_numpy(case.mask)[None])[0]))
-        else:
-            hits.append(False)
-    return {
-        "right_flag_rate": flagged_right / max(1, len(defective)),
-        "pointing": float(np.mean(hits)) if hits else 0.0,
-        "false_flag_rate_phrases": false_flags / max(1, phrases_on_correct),
-        "false_flag_rate_pictures": flagged_pictures / max(1, len(correct)),
-    }
-
-
-def calibrated_a_bound(encoder, count: int = 200, quantile: float = 0.05) -> float:
-    """5th percentile of the noun scores a_pns on correct training pictures."""
-    scores = []
-    for case in data.alignment_cases(count * 4, data.TRAIN_SEED_OFFSET + 5 * 10**6)[::4]:  # the correct ones
-        result = aq_map.alignment_quality(encoder, encoder.encode_image(case.image[None]), [case.caption])
-        scores += [row.noun_score for row in result.reports[0]]
-    return float(np.quantile(scores, quantile))
 
 
 def main(argv=None) -> dict[str, float]:

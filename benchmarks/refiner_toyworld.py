@@ -54,15 +54,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
 from comfyui_refinery.benchmarks.toyworld import data, defects, scenes  # noqa: E402
-from comfyui_refinery.benchmarks.toyworld.train_prompts import encode_in_batches, load_alpha  # noqa: E402
-from comfyui_refinery.core import aq_map, pq_map  # noqa: E402
-from comfyui_refinery.core.clip_surgery import SurgeryCLIP, load_quality_clip  # noqa: E402
+from comfyui_refinery.benchmarks.toyworld.measures import (  # noqa: E402
+    QualityModels, Scores, load_quality_models, masked_mean, psnr, score_pictures, ssim_map, vae_roundtrip,
+)
 from comfyui_refinery.core.diffusers_refiner import latent_cover_mask, refine_with_pipeline, scheduler_steps  # noqa: E402
-from comfyui_refinery.core.masks import MaskSettings, gaussian_blur  # noqa: E402
+from comfyui_refinery.core.masks import MaskSettings  # noqa: E402
 from comfyui_refinery.core.refine_plan import ImagePlan, RefinerSettings, plan_refinement  # noqa: E402
 
 SEED_OFFSET = data.TEST_SEED_OFFSET + 13 * 10**6  # held out; no other toy-world set uses these seeds
-PSNR_CAP_DB = 100.0
 PSNR_TARGET_DB = 30.0
 REPAIR_MARGIN = 0.01  # gt_mae must fall by more than this (RGB in [0, 1]) to count as repaired
 ARMS = ("none", "vae_roundtrip", "global", "refiner_stage1", "refiner", "truth_mask")
@@ -116,95 +115,11 @@ def toy_pictures(per_kind: int, clean_count: int, defect_kinds: tuple[str, ...] 
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-@dataclass
-class QualityModels:
-    """toy-clip (encoder), its PQ prompt features (4, 2, D) and calibrated alpha (3 bounds)."""
-
-    encoder: SurgeryCLIP
-    prompt_features: torch.Tensor
-    alpha: tuple[float, float, float]
-
-
-def load_quality_models(checkpoint: Path = data.TOY_CLIP_CHECKPOINT, prompts: Path = data.TOY_PROMPTS) -> QualityModels:
-    encoder = load_quality_clip(checkpoint)
-    with torch.no_grad():
-        features = pq_map.encode_quality_prompts(encoder, pq_map.load_prompt_embeddings(prompts))
-    return QualityModels(encoder, features, load_alpha(prompts))
-
-
-@dataclass
-class Scores:
-    """perceptual_map P, alignment_map A: (N, H, W) in [0, 1]; perceptual p: (N,) in [0, 1]; alignment a: (N,)
-    eq. 8 scores; clip: (N,) cosine of image and caption embeddings in [-1, 1]; emphasized_prompts: N strings."""
-
-    perceptual_map: torch.Tensor
-    alignment_map: torch.Tensor
-    perceptual: torch.Tensor
-    alignment: torch.Tensor
-    clip: torch.Tensor
-    emphasized_prompts: list[str]
-
-
-def score_pictures(models: QualityModels, images: torch.Tensor, captions: list[str]) -> Scores:
-    """PQ-Map, AQ-Map and the toy CLIP score of (N, H, W, 3) pictures in [0, 1] against their N captions."""
-    encoder = models.encoder
-    with torch.no_grad():
-        features = encode_in_batches(encoder, images)
-        perceptual = pq_map.perceptual_quality(features, models.prompt_features, encoder.logit_scale, models.alpha)
-        alignment = aq_map.alignment_quality(encoder, features, captions)
-        clip = (features.cls_embedding * encoder.encode_text(captions)).sum(dim=-1)  # (N,) both L2-normalised
-    return Scores(perceptual.map, alignment.map, perceptual.score, alignment.score.float(), clip,
-                  alignment.emphasized_prompts)
-
-
 # ------------------------------------------------------------------------------------------------ image metrics
-def ssim_map(first: torch.Tensor, second: torch.Tensor, sigma: float = 1.5, window: int = 11) -> torch.Tensor:
-    """Per-pixel SSIM (Wang et al. 2004, Gaussian window, K1 0.01, K2 0.03, data range 1) of (N, H, W, 3) pictures
-    in [0, 1], averaged over the channels: (N, H, W), 1 = identical neighbourhood."""
-    c1, c2 = 0.01**2, 0.03**2
-    n, h, w, _ = first.shape
-    x = first.permute(0, 3, 1, 2).reshape(-1, h, w).double()  # (N*3, H, W)
-    y = second.permute(0, 3, 1, 2).reshape(-1, h, w).double()
-
-    def local_mean(values):
-        return gaussian_blur(values, sigma, window)
-
-    mean_x, mean_y = local_mean(x), local_mean(y)
-    var_x = local_mean(x * x) - mean_x**2
-    var_y = local_mean(y * y) - mean_y**2
-    covariance = local_mean(x * y) - mean_x * mean_y
-    ssim = ((2 * mean_x * mean_y + c1) * (2 * covariance + c2)) / ((mean_x**2 + mean_y**2 + c1) * (var_x + var_y + c2))
-    return ssim.reshape(n, 3, h, w).mean(dim=1).float()  # (N, H, W)
-
-
-def masked_mean(values: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """Mean of (N, H, W) or (N, H, W, C) values over the pixels where the (N, H, W) bool region is True: (N,);
-    NaN for an empty region."""
-    weights = region.float()
-    if values.ndim == 4:
-        values = values.mean(dim=-1)  # (N, H, W, C) -> (N, H, W)
-    return (values * weights).flatten(1).sum(1) / weights.flatten(1).sum(1)  # 0 / 0 = NaN for an empty region
-
-
-def psnr(first: torch.Tensor, second: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB of (N, H, W, 3) pictures in [0, 1] over the (N, H, W) bool region, capped at PSNR_CAP_DB: (N,)."""
-    mse = masked_mean((first - second) ** 2, region)
-    return (10 * torch.log10(1.0 / mse.clamp(min=10 ** (-PSNR_CAP_DB / 10)))).clamp(max=PSNR_CAP_DB)
-
-
 def outside_stage1_region(plans: list[ImagePlan]) -> torch.Tensor:
     """(N, H, W) bool: pixels outside the stage-1 binary mask; every pixel where stage 1 did not run."""
     return torch.stack([torch.ones_like(plan.binary_mask, dtype=torch.bool) if plan.skip_stage1
                         else plan.binary_mask <= 0.5 for plan in plans])
-
-
-def vae_roundtrip(pipeline, images: torch.Tensor) -> torch.Tensor:
-    """Decode(encode(x)) with the pipeline's VAE (latent mean): (N, H, W, 3) in [0, 1] -> the same."""
-    with torch.no_grad():
-        pixels = images.permute(0, 3, 1, 2) * 2 - 1  # BHWC [0, 1] -> BCHW [-1, 1]
-        latents = pipeline.vae.encode(pixels).latent_dist.mean
-        decoded = pipeline.vae.decode(latents).sample
-    return ((decoded + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
 
 
 # ------------------------------------------------------------------------------------------------ arms

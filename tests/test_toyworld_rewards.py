@@ -46,7 +46,7 @@ def test_red_content_matches_its_formula_and_ignores_the_backgrounds():
     assert saliency[:2, :4].min() > 100 * saliency[2:].max()
 
 
-def test_attribute_judge_scores_rendered_scenes_by_colour_and_shape():
+def test_attribute_judge_scores_rendered_scenes_by_the_share_of_right_attributes():
     judge = rewards.AttributeJudge()
     chosen = single_object_scenes(6, seed=7)
     pictures = as_images([scenes.render(scene) for scene in chosen])
@@ -54,7 +54,8 @@ def test_attribute_judge_scores_rendered_scenes_by_colour_and_shape():
     assert judge.score(pictures, captions).tolist() == [1.0] * 6
     wrong_colour = [next(c for c in scenes.COLOURS if c != scene.objects[0].colour) for scene in chosen]
     recoloured = as_images([scenes.render(scene, colours={0: colour}) for scene, colour in zip(chosen, wrong_colour)])
-    assert judge.score(recoloured, captions).tolist() == [0.5] * 6
+    # nothing of the asked colour: colour, shape, size and count all fail for the one group
+    assert judge.score(recoloured, captions).tolist() == [0.0] * 6
 
 
 def test_alignment_reward_prefers_the_caption_of_the_picture():

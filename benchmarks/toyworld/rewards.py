@@ -6,10 +6,10 @@
   quality prompts: perceptual quality, prompt-free.
 - :class:`ToyAlignmentReward`: the G-Refine alignment score a (AQ-Map, eq. 4-8) of toy-clip: phrase-level
   alignment (object phrase, background phrase), a second alignment reward for Syn-Pic's ensemble.
-- :class:`AttributeJudge`: a GenEval-like judge, not a learned model: for a single-object caption on a plain
-  background ("a small red circle on a plain grey background") it finds the object's pixels and scores 0.5 for the
-  right colour plus 0.5 for the right shape (``train_tiny_sd.classify_object``); in {0, 0.5, 1}. Used as the reward
-  *not* used in training.
+- :class:`AttributeJudge` (``judge.py``): a GenEval-like judge, not a learned model: for any toy caption it finds
+  the objects and scores the share of checks that pass (colour, shape, size and count of each group, and the
+  relation of two groups), in [0, 1]. Used as the reward *not* used in training. (v1's judge scored only the
+  colour and shape of single objects on plain backgrounds.)
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ...core import aq_map, pq_map
 from ...core.clip_surgery import load_quality_clip
 from ...core.rewards.loading import load_reward_model
 from . import data, scenes
+from .judge import AttributeJudge  # noqa: F401  (re-exported: the benchmarks' held-out reward)
 
 
 def toy_clip_score():
@@ -95,32 +96,6 @@ def parse_single_object_caption(caption: str) -> tuple[str, str, str]:
             or found[3] not in scenes.BACKGROUND_COLOURS:
         raise ValueError(f"Not a single-object plain-background toy caption: {caption!r}")
     return found[1], found[2], found[3]
-
-
-class AttributeJudge(torch.nn.Module):
-    """0.5 * (colour right) + 0.5 * (shape right) of the one object a plain-background caption asks for: (B,)."""
-
-    uses_prompts = True
-
-    def __init__(self):
-        super().__init__()
-        self.name = "attribute-judge"
-
-    @torch.no_grad()
-    def score(self, images: torch.Tensor, prompts, differentiable: bool = False) -> torch.Tensor:
-        from .train_tiny_sd import classify_object
-
-        prompts = [prompts] * images.shape[0] if isinstance(prompts, str) else list(prompts)
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images.")
-        pictures = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-        scores = []
-        for picture, caption in zip(pictures, prompts):
-            colour, shape, background = parse_single_object_caption(caption)
-            found_colour, found_shape = classify_object(np.ascontiguousarray(picture),
-                                                        scenes.BACKGROUND_COLOURS[background][0])
-            scores.append(0.5 * (found_colour == colour) + 0.5 * (found_shape == shape))
-        return torch.tensor(scores, dtype=torch.float32)
 
 
 def single_object_captions(count: int, seed_offset: int, colours: tuple[str, ...] | None = None,

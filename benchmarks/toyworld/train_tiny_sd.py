@@ -7,7 +7,8 @@ Three stages, each its own command so that the long ones can run (and be stopped
   small KL, cosine learning rate; at the end ``scaling_factor`` = 1 / std of the latents.
 - ``--stage unet``: the UNet (``sd_pipeline.UNET_V2``) on clean scenes, conditioned on toy-clip's text tower,
   converted to a transformers ``CLIPTextModel`` and *frozen* (``text_encoder.py``), as real Stable Diffusion
-  conditions on a pretrained CLIP; epsilon objective with min-SNR-5 weighting, 10 % of the captions dropped to ""
+  conditions on a pretrained CLIP; it never sees a held-out caption (``scenes.held_out_caption``, one in ten, which
+  the benchmarks ask for); epsilon objective with min-SNR-5 weighting, 10 % of the captions dropped to ""
   (classifier-free guidance), an EMA of the weights (what ships). Every ``--snapshot-every`` steps the EMA UNet is
   saved beside the checkpoint (the learning curve: ``benchmarks/toyworld_models.py --unet-snapshot``).
 - ``--stage export``: VAE + EMA UNet + text encoder + tokenizer + DDIM scheduler as a ``StableDiffusionPipeline``
@@ -63,6 +64,20 @@ def scene_batch(seeds: range) -> tuple[torch.Tensor, list[str]]:
         pictures.append(image)
         captions.append(text)
     return to_model_range(pictures), captions
+
+
+def training_batch(step: int, size: int, offset: int) -> tuple[torch.Tensor, list[str]]:
+    """The UNet's batch for ``step``: the first ``size`` scenes of seeds ``offset + 4 * size * step + j`` whose
+    captions are not held out (``scenes.held_out_caption``), so the generator never sees a held-out caption."""
+    pictures, captions = [], []
+    for seed in range(offset + 4 * size * step, offset + 4 * size * (step + 1)):
+        image, text, _ = scenes.generate(seed, RESOLUTION)
+        if not scenes.held_out_caption(text):
+            pictures.append(image)
+            captions.append(text)
+            if len(pictures) == size:
+                return to_model_range(pictures), captions
+    raise RuntimeError(f"step {step}: fewer than {size} training captions in {4 * size} scenes")
 
 
 def vae_batch(seeds: range) -> torch.Tensor:
@@ -212,7 +227,7 @@ def train_unet(args) -> None:
     offset = UNET_SEED_OFFSET + args.seed * 10**8
     size = args.batch_size
     for step in tqdm(range(first_step, last), desc="tiny-sd unet", initial=first_step, total=args.unet_steps):
-        pictures, captions = scene_batch(range(offset + step * size, offset + (step + 1) * size))
+        pictures, captions = training_batch(step, size, offset)
         with torch.no_grad():
             latents = vae.encode(pictures).latent_dist.sample(generator) * scaling  # (B, 8, 16, 16)
             dropped = torch.rand(size, generator=generator) < CAPTION_DROP
