@@ -127,7 +127,7 @@ RUNS = {  # name -> the trainer flags that differ between the runs
 
 def run_training(flags: list[str], train_dir: Path, output: Path, args) -> tuple[Path, float]:
     start = time.perf_counter()
-    path = trainer.main([
+    path = trainer.run([
         "--dataset", str(train_dir), "--checkpoint", str(args.checkpoint), "--output-dir", str(output),
         *flags, "--max-train-steps", str(args.steps), "--train-batch-size", str(args.batch_size),
         "--learning-rate", str(args.learning_rate), "--seed", str(args.seed), "--threads", str(args.threads),

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -64,10 +66,22 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
 
 
-def test_a_run_writes_a_comfyui_lora_and_mask_samples_and_resume_is_exact(tmp_path, monkeypatch):
-    prompts = write_prompts(tmp_path)
-    straight = trainer.train(parse_args(arguments(prompts, tmp_path / "straight", "--max-train-steps", "3",
-                                                  "--checkpointing-steps", "100")))
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """(prompts file, LoRA path) of an uninterrupted 3-step run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        folder = tmp_path_factory.mktemp("fnf")
+        prompts = write_prompts(folder)
+        return prompts, trainer.train(parse_args(arguments(prompts, folder / "straight", "--max-train-steps", "3",
+                                                           "--checkpointing-steps", "100")))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_run_writes_a_comfyui_lora_and_mask_samples_and_resume_is_exact(straight_run, tmp_path, monkeypatch):
+    prompts, straight = straight_run
     tensors, metadata = read_lora(straight)
     assert straight.name == "focus_n_fix_lora.safetensors"
     assert tensors and all(key.startswith("lora_unet_") for key in tensors)
@@ -75,9 +89,10 @@ def test_a_run_writes_a_comfyui_lora_and_mask_samples_and_resume_is_exact(tmp_pa
     assert metadata["refinery.truncate_k"] == "2" and metadata["refinery.reward"] == "toy-clip"
     assert json.loads(metadata["refinery.training_args"])["region"] == "saliency"
     assert any(value.abs().max() > 0 for key, value in tensors.items() if key.endswith("lora_up.weight"))
-    assert (tmp_path / "straight" / "masks" / "step-000001.png").is_file()
+    assert (straight.parent / "masks" / "step-000001.png").is_file()
 
-    # killed during step 3 (checkpoint at 2), resumed: the same LoRA bit for bit
+    # killed during step 3 (checkpoint at 2), resumed: the same LoRA bit for bit. --resume-from auto starts the
+    # first run fresh (no checkpoint yet) and resumes the second from the latest checkpoint
     original = trainer.training_step
 
     def killed_at_step_three(config, models, reward, region, prompts, micro_index, *args):
@@ -87,17 +102,46 @@ def test_a_run_writes_a_comfyui_lora_and_mask_samples_and_resume_is_exact(tmp_pa
 
     resumed_dir = tmp_path / "resumed"
     monkeypatch.setattr(trainer, "training_step", killed_at_step_three)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(trainer.TrainingInterrupted) as interrupted:
         trainer.train(parse_args(arguments(prompts, resumed_dir, "--max-train-steps", "3",
-                                           "--checkpointing-steps", "2")))
+                                           "--checkpointing-steps", "2", "--resume-from", "auto")))
+    assert interrupted.value.step == 2 and interrupted.value.checkpoint.name == "step-2"
     assert not (resumed_dir / "focus_n_fix_lora.safetensors").exists()
     monkeypatch.setattr(trainer, "training_step", original)
     resumed = trainer.train(parse_args(arguments(prompts, resumed_dir, "--max-train-steps", "3",
-                                                 "--checkpointing-steps", "2", "--resume-from", "latest")))
+                                                 "--checkpointing-steps", "2", "--resume-from", "auto")))
     resumed_tensors, _ = read_lora(resumed)
     assert resumed_tensors.keys() == tensors.keys()
     for key in tensors:
         assert torch.equal(resumed_tensors[key], tensors[key]), key
+
+
+def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resume_is_exact(straight_run, tmp_path, monkeypatch,
+                                                                        capsys):
+    """A real SIGINT during step 2: step 2 finishes, checkpoint step-2 is saved (none was due), exit status 130
+    with the resume command; resuming gives the uninterrupted LoRA bit for bit."""
+    prompts, straight = straight_run
+    original = trainer.training_step
+
+    def ctrl_c_during_step_two(config, models, reward, region, batch_prompts, micro_index, *args):
+        if micro_index == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(config, models, reward, region, batch_prompts, micro_index, *args)
+
+    monkeypatch.setattr(trainer, "training_step", ctrl_c_during_step_two)
+    output = tmp_path / "out"
+    command = arguments(prompts, output, "--max-train-steps", "3", "--checkpointing-steps", "100")
+    assert trainer.main(command) == 130
+    message = capsys.readouterr().err
+    assert "refinery-train-focus-n-fix: interrupted after step 2 of 3." in message
+    assert f"Checkpoint: {output / 'checkpoints' / 'step-2'} (step 2, saved now)" in message
+    assert "--resume-from latest" in message and not (output / "focus_n_fix_lora.safetensors").exists()
+    monkeypatch.setattr(trainer, "training_step", original)
+    assert trainer.main(command + ["--resume-from", "latest"]) == 0
+    resumed, reference = read_lora(output / "focus_n_fix_lora.safetensors")[0], read_lora(straight)[0]
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(resumed[key], reference[key]), key
 
 
 @pytest.fixture(scope="module")

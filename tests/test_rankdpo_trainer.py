@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import shlex
+import signal
 import tempfile
 from pathlib import Path
 
@@ -61,10 +64,22 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
 
 
-def test_two_steps_write_a_comfyui_lora_and_resume_is_exact(tmp_path, monkeypatch):
-    dataset = write_dataset(tmp_path / "data")
-    straight = run(base_arguments(dataset, tmp_path / "straight", "--max-train-steps", "3",
-                                  "--checkpointing-steps", "100"))
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """(dataset, LoRA path) of an uninterrupted 3-step run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        folder = tmp_path_factory.mktemp("rankdpo")
+        dataset = write_dataset(folder / "data")
+        return dataset, run(base_arguments(dataset, folder / "straight", "--max-train-steps", "3",
+                                           "--checkpointing-steps", "100"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_two_steps_write_a_comfyui_lora_and_resume_is_exact(straight_run, tmp_path, monkeypatch):
+    dataset, straight = straight_run
     tensors, metadata = read_lora(straight)
     assert straight.name == "rankdpo_lora.safetensors"
     assert tensors and all(key.startswith("lora_unet_") for key in tensors)
@@ -72,9 +87,10 @@ def test_two_steps_write_a_comfyui_lora_and_resume_is_exact(tmp_path, monkeypatc
     assert json.loads(metadata["refinery.training_args"])["loss"] == "rankdpo"
     assert metadata["refinery.rank"] == "8" and metadata["refinery.alpha"] == "8"
     assert any(value.abs().max() > 0 for key, value in tensors.items() if key.endswith("lora_up.weight"))
-    assert (tmp_path / "straight" / "training_config.json").is_file()
+    assert (straight.parent / "training_config.json").is_file()
 
-    # killed during step 3 (checkpoint at 2), resumed: the same weights bit for bit
+    # killed during step 3 (checkpoint at 2), resumed: the same weights bit for bit. --resume-from auto starts the
+    # first run fresh (no checkpoint yet) and resumes the second from the latest checkpoint
     original = trainer.batch_loss
 
     def killed_at_step_three(config, models, batch, micro_index, *args):
@@ -83,16 +99,52 @@ def test_two_steps_write_a_comfyui_lora_and_resume_is_exact(tmp_path, monkeypatc
         return original(config, models, batch, micro_index, *args)
 
     monkeypatch.setattr(trainer, "batch_loss", killed_at_step_three)
-    with pytest.raises(KeyboardInterrupt):
-        run(base_arguments(dataset, tmp_path / "resumed", "--max-train-steps", "3", "--checkpointing-steps", "2"))
+    with pytest.raises(trainer.TrainingInterrupted) as interrupted:
+        run(base_arguments(dataset, tmp_path / "resumed", "--max-train-steps", "3", "--checkpointing-steps", "2",
+                           "--resume-from", "auto"))
+    assert interrupted.value.step == 2 and interrupted.value.checkpoint.name == "step-2"
+    assert not interrupted.value.saved_now  # a kill inside a step saves nothing: the last checkpoint is kept
     assert not (tmp_path / "resumed" / "rankdpo_lora.safetensors").exists()
     monkeypatch.setattr(trainer, "batch_loss", original)
     resumed = run(base_arguments(dataset, tmp_path / "resumed", "--max-train-steps", "3", "--checkpointing-steps",
-                                 "2", "--resume-from", "latest"))
+                                 "2", "--resume-from", "auto"))
     resumed_tensors, _ = read_lora(resumed)
     assert sorted(resumed_tensors) == sorted(tensors)
     for key, value in tensors.items():
         assert torch.equal(resumed_tensors[key], value), key
+
+
+def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_the_printed_command_resumes_exactly(
+        straight_run, tmp_path, monkeypatch, capsys):
+    """The first Ctrl-C (a real SIGINT) during step 2 lets step 2 finish, saves checkpoint step-2 (none was due:
+    --checkpointing-steps 100), exits with 130 and prints the command that resumes; that command gives the
+    uninterrupted run's LoRA bit for bit."""
+    dataset, straight = straight_run
+    original = trainer.batch_loss
+
+    def ctrl_c_during_step_two(config, models, batch, micro_index, *args):
+        if micro_index == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(config, models, batch, micro_index, *args)
+
+    monkeypatch.setattr(trainer, "batch_loss", ctrl_c_during_step_two)
+    output = tmp_path / "out"
+    assert trainer.main(base_arguments(dataset, output, "--max-train-steps", "3", "--checkpointing-steps", "100",
+                                       "--resume-from", "auto")) == 130
+    message = capsys.readouterr().err
+    assert "Ctrl-C: finishing step 2 and saving a checkpoint" in message
+    assert "refinery-train-rankdpo: interrupted after step 2 of 3." in message
+    assert f"Checkpoint: {output / 'checkpoints' / 'step-2'} (step 2, saved now)" in message
+    assert "Traceback" not in message and not (output / "rankdpo_lora.safetensors").exists()
+    monkeypatch.setattr(trainer, "batch_loss", original)
+    command = shlex.split(message.split("Resume with:\n", 1)[1].strip().splitlines()[0])
+    arguments = command[command.index("-m") + 2:] if "-m" in command else command[1:]
+    assert arguments[-2:] == ["--resume-from", "latest"] and arguments.count("--resume-from") == 1
+    assert trainer.main(arguments) == 0
+    resumed, reference = read_lora(output / "rankdpo_lora.safetensors")[0], read_lora(straight)[0]
+    assert resumed.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(resumed[key], value), key
 
 
 def test_one_step_lowers_the_preferred_images_score(tmp_path):

@@ -5,6 +5,9 @@ line-numbered dataset errors that write nothing, and clear errors for bad flags.
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import signal
 
 import pytest
 import torch
@@ -50,7 +53,7 @@ class SimulatedKill(Exception):
 def full_run(setup, tmp_path_factory):
     checkpoint, dataset, _ = setup
     output = tmp_path_factory.mktemp("full")
-    path = trainer.main(_args(checkpoint, dataset, output))
+    path = trainer.run(_args(checkpoint, dataset, output))
     return output, path
 
 
@@ -125,16 +128,99 @@ def test_killed_run_resumes_exactly(setup, full_run, tmp_path, monkeypatch):
         trainer.main(_args(checkpoint, dataset, output, "--resume-from", "latest", "--trainable-image-layers", "1"))
     with pytest.raises(SystemExit, match="past --max-train-steps 3"):
         trainer.main(_args(checkpoint, dataset, output, "--resume-from", "latest", "--max-train-steps", "3"))
-    path = trainer.main(_args(checkpoint, dataset, output, "--resume-from", "latest"))
+    path = trainer.run(_args(checkpoint, dataset, output, "--resume-from", "latest"))
     resumed = load_file(str(path))
     assert resumed.keys() == reference.keys()
     different = [key for key in reference if not torch.equal(reference[key], resumed[key])]
     assert not different, f"resumed run differs from the uninterrupted one in {different[:5]}"
 
 
+def test_resume_from_auto_starts_fresh_then_resumes_exactly(setup, full_run, tmp_path, monkeypatch, caplog):
+    """--resume-from auto, the one spelling for scripts: a fresh start where there is no checkpoint (where 'latest'
+    is refused), the latest checkpoint where there is one (where a plain rerun is refused)."""
+    checkpoint, dataset, _ = setup
+    output = tmp_path / "auto"
+    real_loss = trainer.batch_loss
+
+    def dying_loss(config, model, tokenizer, batch, step, *rest):
+        if step == 4:
+            raise SimulatedKill
+        return real_loss(config, model, tokenizer, batch, step, *rest)
+
+    monkeypatch.setattr(trainer, "batch_loss", dying_loss)
+    with pytest.raises(SimulatedKill), caplog.at_level("INFO"):
+        trainer.run(_args(checkpoint, dataset, output, "--resume-from", "auto"))
+    assert "no checkpoint" in caplog.text and "starting fresh" in caplog.text
+    monkeypatch.setattr(trainer, "batch_loss", real_loss)
+    path = trainer.run(_args(checkpoint, dataset, output, "--resume-from", "auto"))
+    resumed, reference = load_file(str(path)), load_file(str(full_run[1]))
+    assert [key for key in reference if not torch.equal(reference[key], resumed[key])] == []
+    # the newest complete checkpoint when a crash came between a first checkpoint and its pointer
+    (output / "checkpoints" / "latest").unlink()
+    from comfyui_refinery.trainers.common.checkpoint import resume_point
+
+    folder, state = resume_point(output, "auto", 6)
+    assert folder.name == "step-6" and state["step"] == 6
+    assert resume_point(tmp_path / "empty", "auto", 6) == (None, {})
+
+
+def test_ctrl_c_saves_a_checkpoint_at_the_step_and_a_second_one_stops_at_once(setup, full_run, tmp_path,
+                                                                              monkeypatch, capsys):
+    """First Ctrl-C (a real SIGINT) inside step 3: the step finishes, step-3 is saved (checkpoints are due at 2, 4,
+    6), exit status 130, the message names the step, the checkpoint and the command; the resumed run equals the
+    uninterrupted one bit for bit. Two Ctrl-C inside step 3: it stops at once, keeping step-2."""
+    checkpoint, dataset, _ = setup
+    real_loss = trainer.batch_loss
+    presses = {"count": 1}
+
+    def ctrl_c_in_step_three(config, model, tokenizer, batch, step, *rest):
+        if step == 2:
+            for _ in range(presses.pop("count", 0)):
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(config, model, tokenizer, batch, step, *rest)
+
+    monkeypatch.setattr(trainer, "batch_loss", ctrl_c_in_step_three)
+    output = tmp_path / "once"
+    assert trainer.main(_args(checkpoint, dataset, output)) == 130
+    message = capsys.readouterr().err
+    assert "Ctrl-C: finishing step 3 and saving a checkpoint" in message
+    assert "refinery-train-preference: interrupted after step 3 of 6." in message
+    assert f"Checkpoint: {output / 'checkpoints' / 'step-3'} (step 3, saved now)" in message
+    assert "--resume-from latest" in message and not (output / "reward.safetensors").exists()
+    assert (output / "checkpoints" / "latest").read_text().strip() == "step-3"
+    monkeypatch.setattr(trainer, "batch_loss", real_loss)
+    path = trainer.run(_args(checkpoint, dataset, output, "--resume-from", "latest"))
+    resumed, reference = load_file(str(path)), load_file(str(full_run[1]))
+    assert [key for key in reference if not torch.equal(reference[key], resumed[key])] == []
+
+    presses["count"] = 2
+    monkeypatch.setattr(trainer, "batch_loss", ctrl_c_in_step_three)
+    output = tmp_path / "twice"
+    assert trainer.main(_args(checkpoint, dataset, output)) == 130
+    message = capsys.readouterr().err
+    assert "interrupted after step 2 of 6." in message
+    assert f"Checkpoint: {output / 'checkpoints' / 'step-2'} (step 2, the last one saved)" in message
+    assert sorted(path.name for path in (output / "checkpoints").iterdir()) == ["latest", "step-2"]
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_to_run_the_same_command(setup, tmp_path, monkeypatch, capsys):
+    checkpoint, dataset, _ = setup
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "batch_loss", interrupted)
+    arguments = _args(checkpoint, dataset, tmp_path / "out", "--resume-from", "auto")
+    assert trainer.main(arguments) == 130
+    message = capsys.readouterr().err
+    assert "interrupted after step 0 of 6; no checkpoint was saved yet" in message
+    command = shlex.split(message.split("Run the same command again:\n", 1)[1].strip().splitlines()[0])
+    assert command[-len(arguments) + 2:] == arguments[:-2]  # the same arguments (an auto/latest resume dropped)
+
+
 def test_label_format_and_cross_entropy(setup, tmp_path):
     checkpoint, _, labelled = setup
-    path = trainer.main(_args(checkpoint, labelled, tmp_path / "ce", "--loss", "cross-entropy",
+    path = trainer.run(_args(checkpoint, labelled, tmp_path / "ce", "--loss", "cross-entropy",
                               "--max-train-steps", "2", "--freeze-logit-scale"))
     with safe_open(str(path), "pt") as handle:
         training = json.loads(handle.metadata()["refinery.training"])
@@ -214,4 +300,4 @@ def test_an_existing_reward_is_refused_unless_overwrite(setup, tmp_path):
     with pytest.raises(SystemExit, match="already exists. Pass --overwrite"):
         trainer.main(_args(checkpoint, dataset, output, "--max-train-steps", "1"))
     assert (output / "reward.safetensors").read_bytes() == b"keep me"
-    assert trainer.main(_args(checkpoint, dataset, output, "--max-train-steps", "2", "--overwrite")).stat().st_size > 100
+    assert trainer.run(_args(checkpoint, dataset, output, "--max-train-steps", "2", "--overwrite")).stat().st_size > 100

@@ -4,6 +4,8 @@ determinism, resume after a kill, generators with a scheduler and a LoRA, and ba
 from __future__ import annotations
 
 import json
+import os
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +57,8 @@ def test_dataset_layout_win_rates_and_scores(prompts_file, tmp_path):
     from comfyui_refinery.core.rewards.loading import load_reward_model
 
     output = tmp_path / "out"
-    index = synpic.main(arguments(prompts_file, output))
-    assert index == output / "index.jsonl"
+    index = synpic.run(arguments(prompts_file, output))
+    assert index == output.resolve() / "index.jsonl"
     lines = read_index(output)
     assert [line["prompt"] for line in lines] == PROMPTS
     reward = load_reward_model(TOY_CLIP, "clip-score")
@@ -106,7 +108,7 @@ def test_killed_run_resumes_to_the_same_dataset(prompts_file, tmp_path, monkeypa
     monkeypatch.setattr(synpic, "draw", killed_on_third_batch)
     resumed = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        synpic.main(arguments(prompts_file, resumed, "--seeds", "2", "--batch-size", "2"))
+        synpic.run(arguments(prompts_file, resumed, "--seeds", "2", "--batch-size", "2"))
     assert len(list((resumed / "images").glob("*.png"))) == 3  # generator 0 complete (2 batches), nothing else
     assert not (resumed / "index.jsonl").exists()
     monkeypatch.setattr(synpic, "draw", original)
@@ -259,3 +261,58 @@ def test_a_lora_of_another_base_model_is_refused_clearly(prompts_file, tmp_path,
     with pytest.raises(LoraMismatchError, match=message) as caught:
         load_generator(GeneratorSpec(name="tuned", model=TINY_SD, lora=lora), torch.device("cpu"), torch.float32)
     assert lora.name in str(caught.value)
+
+
+# ------------------------------------------------------------------------------------------------ console behaviour
+def test_ctrl_c_exits_130_saying_what_is_saved_and_how_to_continue(prompts_file, tmp_path, monkeypatch, capsys):
+    original = synpic_generators.draw
+    calls = []
+
+    def interrupted_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(synpic, "draw", interrupted_on_second_batch)
+    output = tmp_path / "out"
+    command = arguments(prompts_file, output, "--seeds", "2", "--batch-size", "2")
+    assert synpic.main(command) == 130
+    message = capsys.readouterr().err
+    assert "refinery-synpic: interrupted while drawing: 2 of 6 pictures are saved in" in message
+    assert "The same command continues where it stopped:" in message
+    printed = shlex.split(message.split("where it stopped:\n", 1)[1].strip().splitlines()[0])
+    assert printed[-len(command):] == command  # the very arguments, after the program
+    assert not list(output.rglob("*.tmp"))
+    monkeypatch.setattr(synpic, "draw", original)
+    assert synpic.main(command) == 0
+    assert len(read_index(output)) == 3
+
+
+def test_a_changed_batch_size_is_refused_on_rerun_with_the_reason(prompts_file, tmp_path):
+    """Batched sampling moves a few pixels by one level (test_deterministic_and_batch_size_independent), so a
+    dataset continued with another batch size would mix two batchings: the rerun is refused, naming the old size."""
+    output = tmp_path / "out"
+    synpic.run(arguments(prompts_file, output, "--seeds", "2", "--batch-size", "3"))
+    (output / "images" / "p000002_g01.png").unlink()  # a picture to draw again
+    with pytest.raises(SystemExit) as caught:
+        synpic.main(arguments(prompts_file, output, "--seeds", "2", "--batch-size", "1"))
+    message = str(caught.value.code)
+    assert "batch_size: 3 -> 1" in message and "rerun with --batch-size 3" in message, message
+    assert not (output / "images" / "p000002_g01.png").exists()  # nothing was drawn
+    synpic.run(arguments(prompts_file, output, "--seeds", "2", "--batch-size", "3"))
+    assert (output / "images" / "p000002_g01.png").is_file()
+
+
+def test_the_same_files_named_by_other_paths_are_the_same_run(prompts_file, tmp_path, monkeypatch):
+    output = tmp_path / "out"
+    synpic.run(arguments(prompts_file, output, "--seeds", "2"))
+    before = png_bytes(output)
+    monkeypatch.chdir(tmp_path)
+    relative = arguments(Path(prompts_file.name), Path("out"), "--seeds", "2")
+    relative[relative.index("--model") + 1] = os.path.relpath(TINY_SD, tmp_path)
+    synpic.run(relative)  # refused as "other options (prompts ... differ)" when paths were compared as typed
+    assert png_bytes(output) == before
+    config = json.loads((output / "synpic_config.json").read_text())
+    assert config["prompts"] == str(prompts_file.resolve())
+    assert config["generators"][0]["model"] == str(TINY_SD.resolve())

@@ -50,7 +50,7 @@ def test_demo_runs_end_to_end_in_under_a_minute(tmp_path):
     from comfyui_refinery.benchmarks.toyworld import demo
 
     start = time.time()
-    output = demo.main(["--output", str(tmp_path / "demo"), "--generated", "2", "--defective", "3", "--steps", "10"])
+    output = demo.run(["--output", str(tmp_path / "demo"), "--generated", "2", "--defective", "3", "--steps", "10"])
     elapsed = time.time() - start
     assert (output / "grid.png").is_file() and (output / "report.md").is_file()
     report = (output / "report.md").read_text()
@@ -67,7 +67,7 @@ def test_demo_runs_end_to_end_in_under_a_minute(tmp_path):
 def test_demo_without_refiner_has_no_refined_column(tmp_path):
     from comfyui_refinery.benchmarks.toyworld import demo
 
-    output = demo.main(["--output", str(tmp_path / "demo"), "--generated", "0", "--defective", "2", "--no-refine"])
+    output = demo.run(["--output", str(tmp_path / "demo"), "--generated", "0", "--defective", "2", "--no-refine"])
     report = (output / "report.md").read_text()
     assert "injected" in report and "p refined" not in report
     with Image.open(output / "grid.png") as grid:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -180,7 +181,16 @@ def collect_pictures(args: argparse.Namespace, pipeline) -> tuple[torch.Tensor, 
     return torch.cat(pictures), captions, truths, notes
 
 
-def main(argv=None) -> Path:
+def main(argv=None) -> int:
+    """Console entry point (``refinery-demo``); returns the exit status: 0 when the grid and the report are written
+    (2: a bad flag)."""
+    run(argv)
+    return 0
+
+
+def run(argv=None) -> Path:
+    """The demo as a Python call: parse ``argv`` (default ``sys.argv[1:]``), write the grid and the report, and
+    return the output folder."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     start = time.time()
@@ -273,4 +283,4 @@ def plan_note(plan: ImagePlan) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

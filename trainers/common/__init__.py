@@ -3,7 +3,9 @@
 - ``config``: the frozen ``TrainingConfig`` dataclass, its flags and checks, JSON form;
 - ``accelerate_setup``: the ``Accelerator`` (``ProjectConfiguration``, ``set_seed``, threads), per-step seeds;
 - ``optim``: AdamW parameter groups, warm-up + cosine schedule;
-- ``checkpoint``: atomic ``checkpoints/step-<n>``, ``latest`` pointer, rotation, exact resume;
+- ``checkpoint``: atomic ``checkpoints/step-<n>``, ``latest`` pointer, rotation, exact resume (``--resume-from
+  latest|auto|<folder>``);
+- ``console``: exit statuses, Ctrl-C (finish the step, save a checkpoint, print the command that resumes);
 - ``atomic``: atomic file and folder writes;
 - ``model_loading``: SD1.5/SDXL pipelines from diffusers folders or single-file checkpoints, offline;
 - ``lora``: peft LoRA setup, ``adapters_disabled`` (reference model = same UNet), gradient checkpointing.

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
+AUTO = "auto"  # --resume-from auto: the latest checkpoint when there is one, else a fresh start
 STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FORMAT = "refinery-checkpoint/1"
@@ -80,7 +81,8 @@ def resolve_checkpoint(output_dir: str | Path, resume_from: str) -> Path:
         if not pointer.is_file():
             raise CheckpointError(
                 f"--resume-from latest: there is no checkpoint pointer '{pointer}', so no run saved a checkpoint into "
-                f"'{output_dir}' yet. Start without --resume-from, or name a checkpoint folder."
+                f"'{output_dir}' yet. Start without --resume-from, name a checkpoint folder, or use --resume-from "
+                f"auto (resumes when there is a checkpoint, else starts fresh)."
             )
         folder = pointer.parent / pointer.read_text(encoding="utf-8").strip()
         if not folder.is_dir():
@@ -89,7 +91,7 @@ def resolve_checkpoint(output_dir: str | Path, resume_from: str) -> Path:
         folder = Path(resume_from)
         if not folder.is_dir():
             raise CheckpointError(
-                f"--resume-from '{resume_from}' is not a folder. Give 'latest' or a checkpoint folder such as "
+                f"--resume-from '{resume_from}' is not a folder. Give 'latest', 'auto' or a checkpoint folder such as "
                 f"'{checkpoints_dir(output_dir) / 'step-500'}'."
             )
     read_trainer_state(folder)  # complete?
@@ -149,8 +151,20 @@ def register_trainable_state_hooks(accelerator, model: torch.nn.Module, names: l
 
 def resume_point(output_dir: str | Path, resume_from: str | None, max_train_steps: int) -> tuple[Path | None, dict]:
     """Where a run starts: ``(checkpoint folder, its trainer state)`` that ``--resume-from`` names, or ``(None, {})``
-    for a fresh start. CheckpointError, saying what to do, for a fresh start into a folder that holds another run's
-    checkpoints (they would be mixed and rotated away), and for a checkpoint past ``max_train_steps``."""
+    for a fresh start. ``auto``: the checkpoint ``latest`` names (or, when a crash came between a first checkpoint
+    and its pointer, the newest complete one), else a fresh start. CheckpointError, saying what to do, for a fresh
+    start into a folder that holds another run's checkpoints (they would be mixed and rotated away), and for a
+    checkpoint past ``max_train_steps``."""
+    if resume_from == AUTO:
+        if (checkpoints_dir(output_dir) / LATEST).is_file():
+            resume_from = LATEST
+        else:
+            found = list_checkpoints(output_dir)
+            if not found:
+                logger.info("--resume-from auto: no checkpoint in '%s', starting fresh.", checkpoints_dir(output_dir))
+                return None, {}
+            resume_from = str(found[-1][1])
+        logger.info("--resume-from auto: resuming from %s", resume_from)
     if resume_from:
         folder = resolve_checkpoint(output_dir, resume_from)
         state = read_trainer_state(folder)
@@ -160,8 +174,8 @@ def resume_point(output_dir: str | Path, resume_from: str | None, max_train_step
         return folder, state
     if list_checkpoints(output_dir) or (checkpoints_dir(output_dir) / LATEST).exists():
         raise CheckpointError(
-            f"'{output_dir}' already holds checkpoints of an earlier run. Continue it with --resume-from latest, or "
-            f"choose another --output-dir."
+            f"'{output_dir}' already holds checkpoints of an earlier run. Continue it with --resume-from latest (or "
+            f"--resume-from auto, which also starts fresh where there is none), or choose another --output-dir."
         )
     return None, {}
 

@@ -95,7 +95,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> 
     group.add_argument("--checkpoints-total-limit", type=int, default=base["checkpoints_total_limit"],
                        help="keep only the newest K checkpoints (0: keep all)")
     group.add_argument("--resume-from", default=base["resume_from"],
-                       help="'latest' (the checkpoint <output-dir>/checkpoints/latest names) or a checkpoint folder")
+                       help="'latest' (the checkpoint <output-dir>/checkpoints/latest names; refused when there is "
+                       "none), 'auto' (resume from the latest checkpoint when there is one, else start fresh: the "
+                       "spelling for scripts) or a checkpoint folder")
     group.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=base["mixed_precision"])
     group.add_argument("--threads", type=int, default=base["threads"], help="torch CPU threads (default: torch's)")
     group.add_argument("--dataloader-num-workers", type=int, default=base["dataloader_num_workers"])

@@ -11,6 +11,7 @@ run never ends with an unexportable LoRA.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterator, Sequence
 
@@ -196,6 +197,40 @@ def check_lora_file(path, family: str) -> dict[str, str]:
     return metadata
 
 
+DIFFUSERS_LORA_LOGGER = "diffusers.loaders.lora_base"  # where load_lora_weights reports a component without keys
+NO_KEYS_NOTICE = "No LoRA keys associated to"
+TEXT_ENCODER_KEY_PREFIXES = ("lora_te", "text_encoder")  # kohya / ComfyUI, diffusers
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def dropped_log_records(logger_name: str, prefix: str):
+    """Drop the records of logger ``logger_name`` whose message starts with ``prefix`` while the block runs (a filter
+    on that one logger, removed afterwards: nothing else is silenced)."""
+    log = logging.getLogger(logger_name)
+    dropping = _DropRecords(prefix)
+    log.addFilter(dropping)
+    try:
+        yield
+    finally:
+        log.removeFilter(dropping)
+
+
+def _has_text_encoder_keys(path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return any(key.startswith(TEXT_ENCODER_KEY_PREFIXES) for key in handle.keys())
+
+
 def load_lora_into_pipeline(pipeline, path, adapter_name: str) -> None:
     """``pipeline.load_lora_weights(path)`` with the failures users meet turned into one clear message
     (:class:`LoraMismatchError`): :func:`check_lora_file`'s, and a LoRA whose layers have other shapes than the
@@ -208,8 +243,12 @@ def load_lora_into_pipeline(pipeline, path, adapter_name: str) -> None:
     path = Path(path)
     family = pipeline_family(pipeline)
     check_lora_file(path, family)
+    quiet = contextlib.nullcontext()
+    if not _has_text_encoder_keys(path):  # diffusers says so for every text encoder, as a warning: expected here
+        quiet = dropped_log_records(DIFFUSERS_LORA_LOGGER, NO_KEYS_NOTICE)
     try:
-        pipeline.load_lora_weights(str(path), adapter_name=adapter_name)
+        with quiet:
+            pipeline.load_lora_weights(str(path), adapter_name=adapter_name)
     except (RuntimeError, ValueError, KeyError) as error:
         pipeline.unload_lora_weights()
         text = str(error)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -41,6 +42,7 @@ from ..common.checkpoint import (
     save_checkpoint,
 )
 from ..common.config import config_to_dict, write_config
+from ..common.console import TrainingInterrupted, TrainingRun, run_console
 from ..common.data import DatasetError, StepBatchSampler
 from ..common.lora import adapters_disabled, set_gradient_checkpointing
 from ..common.sd_models import (
@@ -57,10 +59,11 @@ from .config import FocusNFixConfig, parse_args
 
 logger = logging.getLogger(__name__)
 
+PROG = "refinery-train-focus-n-fix"
 NOISE_STREAM = 3
 Reward = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
-__all__ = ["main", "parse_args", "train", "training_step", "sample_latents", "decode_images", "StepResult",
-           "load_reward", "make_region_function", "SetupError"]
+__all__ = ["main", "run", "parse_args", "train", "training_step", "sample_latents", "decode_images", "StepResult",
+           "load_reward", "make_region_function", "SetupError", "TrainingInterrupted"]
 
 
 # ------------------------------------------------------------------------------------------------ rewards, regions
@@ -302,8 +305,14 @@ def train(config: FocusNFixConfig, reward=None, region_function: Callable | None
 
     reward: a reward object (``.score(images, prompts, differentiable=True)`` and ``.name``) to use instead of
     loading ``config.reward`` (Python API, e.g. the toy-world benchmark). region_function: ``(images (B, H, W, 3),
-    prompts) -> heatmap (B, H, W) >= 0`` instead of ``config.region``'s.
+    prompts) -> heatmap (B, H, W) >= 0`` instead of ``config.region``'s. Ctrl-C raises :class:`TrainingInterrupted`
+    (a KeyboardInterrupt) after saving a checkpoint (``common/console.py``).
     """
+    with TrainingRun(config.training.output_dir, config.training.max_train_steps) as training_run:
+        return _train(config, reward, region_function, training_run)
+
+
+def _train(config: FocusNFixConfig, reward, region_function: Callable | None, training_run: TrainingRun) -> Path:
     from tqdm.auto import tqdm
 
     training = config.training
@@ -348,41 +357,50 @@ def train(config: FocusNFixConfig, reward=None, region_function: Callable | None
         module.train()
     warned: set[str] = set()
     micro_index = sampler.start
-    for batch_prompts in loader:
-        with accelerator.accumulate(*wrapped):
-            with accelerator.autocast():
-                result = training_step(config, models, score, region_function, batch_prompts, micro_index, device,
-                                       weight_dtype)
-            if not math.isfinite(result.stats["loss"]):
-                raise SetupError(
-                    f"The loss became {result.stats['loss']} at step {step + 1} (reward {result.stats['reward']}, "
-                    f"constraint {result.stats['constraint']}); nothing of this step was applied and no LoRA was "
-                    f"written. The last good checkpoint is kept in '{training.output_dir}/checkpoints' (resume from "
-                    f"it with a lower --learning-rate, or fix the reward).")
-            accelerator.backward(result.loss)
-            if accelerator.sync_gradients and training.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(parameters, training.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        micro_index += 1
-        if config.beta > 0:
-            _warn_masks(result.mask_states, step + 1, warned)
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        progress.update(1)
-        progress.set_postfix(reward=f"{result.stats['reward']:.4g}", constraint=f"{result.stats['constraint']:.3g}")
-        if accelerator.is_main_process and config.mask_samples and (
-                step == 1 or step % training.checkpointing_steps == 0):
-            save_mask_samples(result, training.output_dir / "masks", step, config.mask_samples)
-        if step % training.log_every == 0:
-            logger.info("step %d: %s, lr %.3g", step, ", ".join(f"{k} {v:.4g}" for k, v in result.stats.items()),
-                        scheduler.get_last_lr()[0])
-        if step % training.checkpointing_steps == 0:
-            save_checkpoint(accelerator, training.output_dir, step, {"config": config_dict},
-                            training.checkpoints_total_limit)
-    progress.close()
+    training_run.step = step
+
+    def checkpoint():
+        return save_checkpoint(accelerator, training.output_dir, step, {"config": config_dict},
+                               training.checkpoints_total_limit)
+
+    with training_run.stop_at_step_boundary(), progress:  # the bar is closed before any message
+        for batch_prompts in loader:
+            with accelerator.accumulate(*wrapped):
+                with accelerator.autocast():
+                    result = training_step(config, models, score, region_function, batch_prompts, micro_index,
+                                           device, weight_dtype)
+                if not math.isfinite(result.stats["loss"]):
+                    raise SetupError(
+                        f"The loss became {result.stats['loss']} at step {step + 1} (reward "
+                        f"{result.stats['reward']}, constraint {result.stats['constraint']}); nothing of this step "
+                        f"was applied and no LoRA was written. The last good checkpoint is kept in "
+                        f"'{training.output_dir}/checkpoints' (resume from it with a lower --learning-rate, or fix "
+                        f"the reward).")
+                accelerator.backward(result.loss)
+                if accelerator.sync_gradients and training.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(parameters, training.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_index += 1
+            if config.beta > 0:
+                _warn_masks(result.mask_states, step + 1, warned)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            progress.update(1)
+            progress.set_postfix(reward=f"{result.stats['reward']:.4g}",
+                                 constraint=f"{result.stats['constraint']:.3g}")
+            if accelerator.is_main_process and config.mask_samples and (
+                    step == 1 or step % training.checkpointing_steps == 0):
+                save_mask_samples(result, training.output_dir / "masks", step, config.mask_samples)
+            if step % training.log_every == 0:
+                logger.info("step %d: %s, lr %.3g", step, ", ".join(f"{k} {v:.4g}" for k, v in result.stats.items()),
+                            scheduler.get_last_lr()[0])
+            saved = step % training.checkpointing_steps == 0
+            if saved:
+                checkpoint()
+            training_run.stop_if_requested(accelerator, step, checkpoint, saved)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         export_trained_lora(output, config, models, "focus-n-fix" if config.beta else "draft-k", config_dict,
@@ -394,16 +412,19 @@ def train(config: FocusNFixConfig, reward=None, region_function: Callable | None
     return output
 
 
-def main(input_args: list[str] | None = None) -> Path:
-    """Console entry point. Bad flags exit with status 2 (argparse); unusable prompts, model, reward, checkpoint or
-    output folder exit with status 1 and a message, before anything is written; a NaN loss stops with the step."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = parse_args(input_args)
-    try:
-        return train(config)
-    except (DatasetError, CheckpointError, SetupError, NotDifferentiableError) as error:
-        raise SystemExit(f"refinery-train-focus-n-fix: error: {error}") from error
+def run(input_args: list[str] | None = None) -> Path:
+    """Parse ``input_args`` (default ``sys.argv[1:]``) and train: the console command as a Python call. Returns the
+    path of the LoRA; bad flags exit with status 2 (argparse), other problems raise their own errors."""
+    return train(parse_args(input_args))
+
+
+def main(input_args: list[str] | None = None) -> int:
+    """Console entry point; returns the exit status. 0: the LoRA is written; 1: unusable prompts, model, reward,
+    checkpoint or output folder (a message, before anything is written), or a NaN loss (with the step); 2: a bad
+    flag; 130: Ctrl-C (a checkpoint is saved, and the command that resumes is printed)."""
+    return run_console(PROG, __spec__.name if __spec__ else __name__, run, input_args,
+                       (DatasetError, CheckpointError, SetupError, NotDifferentiableError))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from ..common.checkpoint import (
     save_checkpoint,
 )
 from ..common.config import config_to_dict, write_config
+from ..common.console import TrainingInterrupted, TrainingRun, run_console
 from ..common.data import DatasetError, StepBatchSampler
 from ..common.lora import adapters_disabled
 from ..common.sd_models import (
@@ -53,11 +55,13 @@ from .data import RankedGroupDataset, collate, read_groups
 
 logger = logging.getLogger(__name__)
 
+PROG = "refinery-train-rankdpo"
 NOISE_STREAM = 2
 METHOD_NAMES = {"rankdpo": "rankdpo", "dpo": "diffusion-dpo"}
 WEIGHTING = {"rankdpo": "dcg", "dpo": "uniform"}
-__all__ = ["main", "parse_args", "train", "load_models", "noisy_batch", "policy_prediction", "reference_prediction",
-           "batch_scores", "batch_loss", "TrainingModels", "NoisyBatch", "SetupError"]
+__all__ = ["main", "run", "parse_args", "train", "load_models", "noisy_batch", "policy_prediction",
+           "reference_prediction", "batch_scores", "batch_loss", "TrainingModels", "NoisyBatch", "SetupError",
+           "TrainingInterrupted"]
 
 
 # ------------------------------------------------------------------------------------------------ loss
@@ -159,7 +163,13 @@ def batch_loss(config: RankDPOConfig, models: TrainingModels, batch: dict, micro
 # ------------------------------------------------------------------------------------------------ run
 def train(config: RankDPOConfig) -> Path:
     """Run the training described by ``config``. Dataset, output folder, checkpoint and model are checked first;
-    nothing is written before they are known good. Returns the path of the LoRA."""
+    nothing is written before they are known good. Returns the path of the LoRA. Ctrl-C raises
+    :class:`TrainingInterrupted` (a KeyboardInterrupt) after saving a checkpoint (``common/console.py``)."""
+    with TrainingRun(config.training.output_dir, config.training.max_train_steps) as training_run:
+        return _train(config, training_run)
+
+
+def _train(config: RankDPOConfig, training_run: TrainingRun) -> Path:
     from tqdm.auto import tqdm
 
     training = config.training
@@ -198,33 +208,41 @@ def train(config: RankDPOConfig) -> Path:
     for module in wrapped:
         module.train()
     micro_index = sampler.start
-    for batch in loader:
-        with accelerator.accumulate(*wrapped):
-            with accelerator.autocast():
-                loss, stats = batch_loss(config, models, batch, micro_index, device, weight_dtype)
-            if not math.isfinite(stats["loss"]):
-                raise SetupError(f"The loss became {stats['loss']} at step {step + 1}; nothing of this step was "
-                                 f"applied. The last good checkpoint is kept in '{training.output_dir}/checkpoints' "
-                                 f"(resume from it with a lower --learning-rate or --beta).")
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and training.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(parameters, training.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        micro_index += 1
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        progress.update(1)
-        progress.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.2f}")
-        if step % training.log_every == 0:
-            logger.info("step %d: %s, lr %.3g", step, ", ".join(f"{k} {v:.4g}" for k, v in stats.items()),
-                        scheduler.get_last_lr()[0])
-        if step % training.checkpointing_steps == 0:
-            save_checkpoint(accelerator, training.output_dir, step, {"config": config_dict},
-                            training.checkpoints_total_limit)
-    progress.close()
+    training_run.step = step
+
+    def checkpoint():
+        return save_checkpoint(accelerator, training.output_dir, step, {"config": config_dict},
+                               training.checkpoints_total_limit)
+
+    with training_run.stop_at_step_boundary(), progress:  # the bar is closed before any message
+        for batch in loader:
+            with accelerator.accumulate(*wrapped):
+                with accelerator.autocast():
+                    loss, stats = batch_loss(config, models, batch, micro_index, device, weight_dtype)
+                if not math.isfinite(stats["loss"]):
+                    raise SetupError(f"The loss became {stats['loss']} at step {step + 1}; nothing of this step "
+                                     f"was applied. The last good checkpoint is kept in "
+                                     f"'{training.output_dir}/checkpoints' (resume from it with a lower "
+                                     f"--learning-rate or --beta).")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and training.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(parameters, training.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_index += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.2f}")
+            if step % training.log_every == 0:
+                logger.info("step %d: %s, lr %.3g", step, ", ".join(f"{k} {v:.4g}" for k, v in stats.items()),
+                            scheduler.get_last_lr()[0])
+            saved = step % training.checkpointing_steps == 0
+            if saved:
+                checkpoint()
+            training_run.stop_if_requested(accelerator, step, checkpoint, saved)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         export_trained_lora(output, config, models, METHOD_NAMES[config.loss], config_dict,
@@ -235,16 +253,19 @@ def train(config: RankDPOConfig) -> Path:
     return output
 
 
-def main(input_args: list[str] | None = None) -> Path:
-    """Console entry point. Bad flags exit with status 2 (argparse); an unusable dataset, model, checkpoint or
-    output folder exits with status 1 and a message, before anything is written."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = parse_args(input_args)
-    try:
-        return train(config)
-    except (DatasetError, CheckpointError, SetupError) as error:
-        raise SystemExit(f"refinery-train-rankdpo: error: {error}") from error
+def run(input_args: list[str] | None = None) -> Path:
+    """Parse ``input_args`` (default ``sys.argv[1:]``) and train: the console command as a Python call. Returns the
+    path of the LoRA; bad flags exit with status 2 (argparse), other problems raise their own errors."""
+    return train(parse_args(input_args))
+
+
+def main(input_args: list[str] | None = None) -> int:
+    """Console entry point; returns the exit status. 0: the LoRA is written; 1: an unusable dataset, model,
+    checkpoint or output folder (a message, before anything is written); 2: a bad flag; 130: Ctrl-C (a checkpoint is
+    saved, and the command that resumes is printed)."""
+    return run_console(PROG, __spec__.name if __spec__ else __name__, run, input_args,
+                       (DatasetError, CheckpointError, SetupError))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from ..common.checkpoint import (
     save_checkpoint,
 )
 from ..common.config import SetupError, config_differences, config_to_dict, refuse_existing_output, write_config
+from ..common.console import TrainingInterrupted, TrainingRun, run_console
 from ..common.optim import make_optimizer, make_scheduler
 from ...core.rewards.trained import save_trained_reward
 from .config import StablePreferenceConfig, parse_args
@@ -42,9 +44,11 @@ from .data import DatasetError, PreferenceDataset, StepBatchSampler, collate, re
 
 logger = logging.getLogger(__name__)
 
+PROG = "refinery-train-preference"
 MAX_LOGIT_SCALE = math.log(100.0)  # open_clip's training clamp of the temperature
 AUGMENTATION_STREAM = 1
-__all__ = ["main", "parse_args", "train", "load_reward_clip", "freeze_layers", "pair_scores", "batch_loss", "SetupError"]
+__all__ = ["main", "run", "parse_args", "train", "load_reward_clip", "freeze_layers", "pair_scores", "batch_loss",
+           "SetupError", "TrainingInterrupted"]
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -172,7 +176,13 @@ def batch_loss(config: StablePreferenceConfig, model, tokenizer, batch: dict, st
 # ------------------------------------------------------------------------------------------------ run
 def train(config: StablePreferenceConfig) -> Path:
     """Run the training described by ``config`` (checks first: nothing is written before the dataset, the
-    checkpoint and the output folder are known good). Returns the path of the saved reward."""
+    checkpoint and the output folder are known good). Returns the path of the saved reward. Ctrl-C raises
+    :class:`TrainingInterrupted` (a KeyboardInterrupt) after saving a checkpoint (``common/console.py``)."""
+    with TrainingRun(config.training.output_dir, config.training.max_train_steps) as training_run:
+        return _train(config, training_run)
+
+
+def _train(config: StablePreferenceConfig, training_run: TrainingRun) -> Path:
     from tqdm.auto import tqdm
 
     training = config.training
@@ -224,33 +234,40 @@ def train(config: StablePreferenceConfig) -> Path:
                     disable=not accelerator.is_local_main_process)
     model.train()
     micro_index = sampler.start
-    for batch in loader:
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                loss, stats = batch_loss(config, model, tokenizer, batch, step, micro_index, mean, std,
-                                         accelerator.device)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and training.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(parameters, training.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        micro_index += 1
-        if not accelerator.sync_gradients:
-            continue
-        if config.train_logit_scale:
-            with torch.no_grad():
-                unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        step += 1
-        progress.update(1)
-        progress.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.2f}")
-        if step % training.log_every == 0:
-            logger.info("step %d: %s, lr %.3g", step, ", ".join(f"{k} {v:.4f}" for k, v in stats.items()),
-                        scheduler.get_last_lr()[0])
-        if step % training.checkpointing_steps == 0:
-            save_checkpoint(accelerator, training.output_dir, step, {"config": config_dict, "trainable": trainable},
-                            training.checkpoints_total_limit)
-    progress.close()
+    training_run.step = step
+
+    def checkpoint():
+        return save_checkpoint(accelerator, training.output_dir, step, {"config": config_dict, "trainable": trainable},
+                               training.checkpoints_total_limit)
+
+    with training_run.stop_at_step_boundary(), progress:  # the bar is closed before any message
+        for batch in loader:
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss, stats = batch_loss(config, model, tokenizer, batch, step, micro_index, mean, std,
+                                             accelerator.device)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and training.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(parameters, training.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_index += 1
+            if not accelerator.sync_gradients:
+                continue
+            if config.train_logit_scale:
+                with torch.no_grad():
+                    unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.2f}")
+            if step % training.log_every == 0:
+                logger.info("step %d: %s, lr %.3g", step, ", ".join(f"{k} {v:.4f}" for k, v in stats.items()),
+                            scheduler.get_last_lr()[0])
+            saved = step % training.checkpointing_steps == 0
+            if saved:
+                checkpoint()
+            training_run.stop_if_requested(accelerator, step, checkpoint, saved)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_trained_reward(unwrapped, model_config, output, architecture, config_dict)
@@ -260,16 +277,19 @@ def train(config: StablePreferenceConfig) -> Path:
     return output
 
 
-def main(input_args: list[str] | None = None) -> Path:
-    """Console entry point. Bad flags exit with status 2 (argparse); an unusable dataset, checkpoint or output
-    folder exits with status 1 and a message, before anything is written."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = parse_args(input_args)
-    try:
-        return train(config)
-    except (DatasetError, CheckpointError, SetupError) as error:
-        raise SystemExit(f"refinery-train-preference: error: {error}") from error
+def run(input_args: list[str] | None = None) -> Path:
+    """Parse ``input_args`` (default ``sys.argv[1:]``) and train: the console command as a Python call. Returns the
+    path of the reward; bad flags exit with status 2 (argparse), other problems raise their own errors."""
+    return train(parse_args(input_args))
+
+
+def main(input_args: list[str] | None = None) -> int:
+    """Console entry point; returns the exit status. 0: the reward is written; 1: an unusable dataset, checkpoint or
+    output folder (a message, before anything is written); 2: a bad flag; 130: Ctrl-C (a checkpoint is saved, and
+    the command that resumes is printed)."""
+    return run_console(PROG, __spec__.name if __spec__ else __name__, run, input_args,
+                       (DatasetError, CheckpointError, SetupError))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

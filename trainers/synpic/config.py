@@ -142,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--height", type=int, default=None, help="default: the model's native size")
     sampling.add_argument("--width", type=int, default=None, help="default: the model's native size")
     sampling.add_argument("--negative-prompt", default="")
-    sampling.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call")
+    sampling.add_argument("--batch-size", type=int, default=4,
+                          help="prompts per pipeline call (it moves a few pixels by one level, so a rerun into the "
+                          "same --output-dir keeps it)")
     sampling.add_argument("--seed", type=int, default=0, help="base seed; picture (prompt i, generator g) uses a "
                           "seed derived from (seed, g's seed, i) only")
     run = parser.add_argument_group("run")

@@ -25,11 +25,14 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +43,7 @@ import torch
 from ...core.reward_aggregation import syn_pic_win_rates
 from ..common.atomic import atomic_write_json, atomic_write_text
 from ..common.config import config_to_dict
+from ..common.console import EXIT_INTERRUPTED, EXIT_OK, LOG_FORMAT, invoked_as
 from ..common.lora import LoraMismatchError, check_lora_file
 from ..common.model_loading import UnsupportedModelError, detect_family
 from .config import CONFIG_FILE, SynPicConfig, parse_args
@@ -49,12 +53,23 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.jsonl"
 IMAGES_DIR = "images"
-# options that change no pixel: a rerun may change them freely
-NON_PIXEL_OPTIONS = ("rewards", "output_dir", "device", "threads", "overwrite", "reward_batch_size", "batch_size")
+PROG = "refinery-synpic"
+# options that change no pixel: a rerun may change them freely. Not --batch-size: pictures drawn in batches of
+# another size differ by one level in a few pixels (float rounding), so a dataset is drawn with one batch size.
+NON_PIXEL_OPTIONS = ("rewards", "output_dir", "device", "threads", "overwrite", "reward_batch_size")
 
 
 class SynPicError(ValueError):
     """The run cannot start or continue; the message says what to change."""
+
+
+class SynPicInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a Syn-Pic run. phase: "drawing" or "scoring"; saved / total: pictures on disk / in the dataset
+    (every saved picture is complete: they are written to a temporary name and renamed)."""
+
+    def __init__(self, phase: str, saved: int, total: int, folder: Path):
+        super().__init__(f"interrupted while {phase}: {saved} of {total} pictures saved")
+        self.phase, self.saved, self.total, self.folder = phase, saved, total, folder
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -94,9 +109,50 @@ def image_name(prompt_index: int, generator_index: int) -> str:
     return f"{IMAGES_DIR}/p{prompt_index:06d}_g{generator_index:02d}.png"
 
 
+def resolved_config(config: SynPicConfig) -> SynPicConfig:
+    """``config`` with every path resolved (absolute, symlinks followed), so that a rerun naming the same files by
+    other relative paths is the same run."""
+    specs = tuple(dataclasses.replace(spec, model=spec.model.resolve(),
+                                      lora=None if spec.lora is None else spec.lora.resolve())
+                  for spec in config.generators)
+    return dataclasses.replace(config, prompts=config.prompts.resolve(), output_dir=config.output_dir.resolve(),
+                               generators=specs, rewards=tuple((path.resolve(), kind) for path, kind in config.rewards))
+
+
+def _resolve_paths(options: dict) -> dict:
+    """The pixel options of a ``synpic_config.json`` with its paths resolved (files of earlier versions hold them as
+    typed; relative ones are taken from the current folder)."""
+    def resolve(value):
+        return str(Path(value).resolve()) if isinstance(value, str) else value
+
+    options = dict(options)
+    if "prompts" in options:
+        options["prompts"] = resolve(options["prompts"])
+    if isinstance(options.get("generators"), list):
+        options["generators"] = [
+            {**spec, "model": resolve(spec.get("model")), "lora": resolve(spec.get("lora"))}
+            if isinstance(spec, dict) else spec for spec in options["generators"]]
+    return options
+
+
 def _pixel_options(config: SynPicConfig) -> dict:
-    options = config_to_dict(config)
+    options = config_to_dict(resolved_config(config))
     return {key: value for key, value in options.items() if key not in NON_PIXEL_OPTIONS}
+
+
+def _describe_changes(previous: dict, current: dict) -> str:
+    changed = sorted(key for key in set(previous) | set(current) if previous.get(key) != current.get(key))
+    parts = []
+    for key in changed:
+        if key == "generators":
+            parts.append("generators (models, LoRAs, schedulers or seeds)")
+        else:
+            parts.append(f"{key}: {previous.get(key)!r} -> {current.get(key)!r}")
+    text = "; ".join(parts)
+    if "batch_size" in changed:
+        text += (f". The batch size changes a few pixels by one level (float rounding in batched sampling), so one "
+                 f"dataset is drawn with one batch size: rerun with --batch-size {previous.get('batch_size')}")
+    return text
 
 
 def prepare_output(config: SynPicConfig) -> None:
@@ -114,16 +170,16 @@ def prepare_output(config: SynPicConfig) -> None:
     current = _pixel_options(config)
     if existing.is_file():
         try:
-            previous = {key: value for key, value in json.loads(existing.read_text(encoding="utf-8")).items()
-                        if key not in NON_PIXEL_OPTIONS and key != "reward_names"}
-        except ValueError:
+            previous = _resolve_paths({key: value for key, value in json.loads(existing.read_text(encoding="utf-8"))
+                                       .items() if key not in NON_PIXEL_OPTIONS and key != "reward_names"})
+        except (ValueError, AttributeError):
             previous = {}
         if previous != current:
-            changed = sorted(key for key in set(previous) | set(current) if previous.get(key) != current.get(key))
             if not config.overwrite:
-                raise SynPicError(f"'{folder}' holds a Syn-Pic run made with other options ({', '.join(changed)} "
-                                  f"differ). Continue it with the same options, choose another --output-dir, or "
-                                  f"pass --overwrite to start over (deletes its images).")
+                raise SynPicError(f"'{folder}' holds a Syn-Pic run made with other options "
+                                  f"({_describe_changes(previous, current)}). Continue it with the same options, "
+                                  f"choose another --output-dir, or pass --overwrite to start over (deletes its "
+                                  f"images).")
             shutil.rmtree(folder / IMAGES_DIR, ignore_errors=True)
             (folder / INDEX_FILE).unlink(missing_ok=True)
     (folder / IMAGES_DIR).mkdir(exist_ok=True)
@@ -135,8 +191,11 @@ def _save_png(picture: torch.Tensor, path: Path) -> None:
 
     temporary = path.with_name(path.name + ".tmp")
     array = (picture.numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(array).save(temporary, format="PNG")
-    os.replace(temporary, path)
+    try:
+        Image.fromarray(array).save(temporary, format="PNG")
+        os.replace(temporary, path)
+    finally:  # interrupted or failed: no temporary file left behind
+        temporary.unlink(missing_ok=True)
 
 
 def _load_png(path: Path) -> torch.Tensor:
@@ -255,28 +314,63 @@ def build_dataset(config: SynPicConfig, reward_models: Sequence | None = None) -
     if len(set(names)) != len(names):
         raise SynPicError(f"Reward names must be distinct (they key the scores), got {names}: rename the files.")
     prepare_output(config)
-    atomic_write_json(config.output_dir / CONFIG_FILE, {**config_to_dict(config), "reward_names": names})
-    drawn = generate_pictures(config, prompts)
-    logger.info("Drew %d picture(s); %d prompt(s) x %d generator(s) in all.", drawn, len(prompts),
-                len(config.generators))
-    scores = score_pictures(config, prompts, reward_models)
-    index = write_index(config, prompts, scores)
+    atomic_write_json(config.output_dir / CONFIG_FILE,
+                      {**config_to_dict(resolved_config(config)), "reward_names": names})
+    total = len(prompts) * len(config.generators)
+    phase = "drawing"
+    try:
+        drawn = generate_pictures(config, prompts)
+        logger.info("Drew %d picture(s); %d prompt(s) x %d generator(s) in all.", drawn, len(prompts),
+                    len(config.generators))
+        phase = "scoring"
+        scores = score_pictures(config, prompts, reward_models)
+        index = write_index(config, prompts, scores)
+    except KeyboardInterrupt as error:
+        saved = sum((config.output_dir / image_name(prompt, generator)).is_file()
+                    for prompt in range(len(prompts)) for generator in range(len(config.generators)))
+        raise SynPicInterrupted(phase, saved, total, config.output_dir) from error
     logger.info("Wrote %s", index)
     return index
 
 
-def main(input_args: list[str] | None = None) -> Path:
-    """Console entry point: bad flags exit with status 2, an unusable prompts file, reward or output folder with
-    status 1 and a message."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = parse_args(input_args)
+def interrupt_message(arguments: Sequence[str], interrupt: KeyboardInterrupt) -> str:
+    """What ``refinery-synpic`` prints on Ctrl-C: what is saved and the command that continues."""
+    command = " ".join([invoked_as(PROG, __spec__.name if __spec__ else __name__),
+                        *(shlex.quote(str(argument)) for argument in arguments)])
+    if not isinstance(interrupt, SynPicInterrupted):
+        where = "interrupted before any picture was drawn"
+    elif interrupt.phase == "scoring":
+        where = (f"interrupted while scoring: all {interrupt.total} pictures are saved in "
+                 f"{interrupt.folder / IMAGES_DIR}, {INDEX_FILE} is not written yet")
+    else:
+        where = (f"interrupted while drawing: {interrupt.saved} of {interrupt.total} pictures are saved in "
+                 f"{interrupt.folder / IMAGES_DIR}")
+    return f"{PROG}: {where}. The same command continues where it stopped:\n  {command}"
+
+
+def run(input_args: list[str] | None = None) -> Path:
+    """Parse ``input_args`` (default ``sys.argv[1:]``) and build the dataset: the console command as a Python call.
+    Returns the path of ``index.jsonl``; bad flags exit with status 2 (argparse), other problems raise SynPicError
+    (or LoraMismatchError), Ctrl-C raises :class:`SynPicInterrupted`."""
+    return build_dataset(parse_args(input_args))
+
+
+def main(input_args: list[str] | None = None) -> int:
+    """Console entry point; returns the exit status. 0: index.jsonl is written; 1: an unusable prompts file,
+    generator, reward or output folder (a message); 2: a bad flag; 130: Ctrl-C (the saved pictures are kept, and
+    the command that continues is printed)."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    arguments = list(sys.argv[1:] if input_args is None else input_args)
     try:
-        index = build_dataset(config)
+        index = run(arguments)
     except (SynPicError, LoraMismatchError) as error:
-        raise SystemExit(f"refinery-synpic: error: {error}") from error
+        raise SystemExit(f"{PROG}: error: {error}") from error
+    except KeyboardInterrupt as interrupt:
+        print(interrupt_message(arguments, interrupt), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     print(f"Wrote {index}")
-    return index
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
