@@ -1,12 +1,14 @@
-"""Every API-format workflow shipped in workflows/ queues and completes on a real ComfyUI server (``main.py --cpu``
-on loopback, the ``comfy_server`` fixture), with the test models substituted for the user's model files and sizes
-and steps made small; the refiner workflows keep their invariants there; each UI-format workflow holds the same
-nodes as its API twin."""
+"""Every API-format workflow shipped in workflows/api/ queues and completes on a real ComfyUI server (``main.py
+--cpu`` on loopback, the ``comfy_server`` fixture), with the test models substituted for the user's model files and
+sizes and steps made small; the refiner workflows keep their invariants there; each UI-format workflow in workflows/
+is generated from its API twin (``workflow_format.py``); the server lists exactly the UI workflows as the pack's
+templates, each with its thumbnail."""
 
 from __future__ import annotations
 
 import io
 import json
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,8 @@ from PIL import Image
 
 pytestmark = pytest.mark.comfyui
 
-WORKFLOWS_DIR = Path(__file__).resolve().parents[1] / "workflows"
+UI_DIR = Path(__file__).resolve().parents[1] / "workflows"
+WORKFLOWS_DIR = UI_DIR / "api"
 WORKFLOWS = sorted(WORKFLOWS_DIR.glob("*_api.json"))
 TEST_VALUES = {  # input name -> value available in the test ComfyUI (conftest.py), or a small size / step count
     "checkpoint": "tiny-vit.safetensors",
@@ -140,7 +143,7 @@ def test_image_workflow_returns_a_picture_that_passes_the_gate_untouched(comfy_s
     graph = load_workflow("refine_image_api", perceptual_gate=0.0, alignment_gate=-1.0)
     run = comfy_server.run(graph)
     assert run.success, run.error_text()
-    save = [node_id for node_id, node in graph.items() if node["inputs"].get("filename_prefix") == "refinery/refined"][0]
+    save = next(node_id for node_id, node in graph.items() if node["inputs"].get("filename_prefix") == "refinery/refined")
     (entry,) = run.outputs[save]["images"]
     original = np.asarray(Image.open(comfy_server.input_dir / "picture.png").convert("RGB"))
     assert np.array_equal(pixels(comfy_server.download(entry)), original)
@@ -154,11 +157,16 @@ def test_server_rejects_bad_prompts_clearly_and_keeps_serving(comfy_server):
     assert rejected.status == "rejected"
     refine = node_of(load_workflow("refine_image_api"), "RefineryGRefine")
     assert refine in rejected.node_errors and "total_steps" in rejected.error_text()
-    # execution: a 1x1 picture cannot be refined (sides must be multiples of 8): the node fails with the reason
-    failed = comfy_server.run(load_workflow("refine_image_api", image="dot.png"))
-    assert failed.status == "error"
+    # execution: a quality CLIP file that is no safetensors (random bytes) passes validation (it is listed) and fails
+    # in its loader, which names the file
+    broken = comfy_server.models_dir / "quality_clip" / "broken-workflow-test.safetensors"
+    broken.write_bytes(bytes(range(256)) * 16)
+    failed = comfy_server.run(load_workflow("refine_image_api", checkpoint=broken.name))
+    assert failed.status == "error", failed.error_text()
     error = failed.execution_error()
-    assert error["node_id"] == refine and "multiples of the VAE factor 8" in error["exception_message"]
+    loader = node_of(load_workflow("refine_image_api"), "RefineryQualityModelLoader")
+    assert error["node_id"] == loader and broken.name in error["exception_message"], error
+    assert "not a readable safetensors" in error["exception_message"], error
     # the same server still runs a good prompt
     good = comfy_server.run(load_workflow("refine_image_api", seed=11))
     assert good.success, good.error_text()
@@ -166,17 +174,37 @@ def test_server_rejects_bad_prompts_clearly_and_keeps_serving(comfy_server):
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[path.stem for path in WORKFLOWS])
 def test_ui_workflow_has_the_same_nodes_as_the_api_one(comfy_harness, path):
-    """workflows/<name>.json (drag into the browser) is generated from <name>_api.json; rewrite with
-    REFINERY_WRITE_WORKFLOWS=1."""
+    """workflows/<name>.json (drag into the browser) is generated from api/<name>_api.json and its layout in
+    workflow_format.LAYOUTS; rewrite with REFINERY_WRITE_WORKFLOWS=1."""
     import os
+
+    from workflow_format import LAYOUTS, api_to_ui
 
     import nodes
 
-    from workflow_format import api_to_ui
-
-    expected = api_to_ui(json.loads(path.read_text()), nodes.NODE_CLASS_MAPPINGS)
-    ui_path = path.with_name(path.name.replace("_api.json", ".json"))
+    name = path.name[: -len("_api.json")]
+    expected = api_to_ui(json.loads(path.read_text()), nodes.NODE_CLASS_MAPPINGS, LAYOUTS[name])
+    ui_path = UI_DIR / f"{name}.json"
     if os.environ.get("REFINERY_WRITE_WORKFLOWS") == "1":
         ui_path.write_text(json.dumps(expected, indent=2) + "\n")
     assert ui_path.is_file(), f"{ui_path.name} is missing: run with REFINERY_WRITE_WORKFLOWS=1"
     assert json.loads(ui_path.read_text()) == expected
+
+
+def test_templates_are_the_ui_workflows_each_with_its_thumbnail(comfy_server):
+    """ComfyUI lists every *.json directly in the pack's workflows/ as a template (Templates -> Extensions) and the
+    frontend shows <name>.jpg beside it as the card's picture: only UI workflows are listed (API files live in
+    workflows/api/, which the listing does not read), each loads as a UI graph and has a JPEG thumbnail (200)."""
+    from comfyui_server import PACK_LINK_NAME
+
+    listed = comfy_server.get_json("/api/workflow_templates")
+    expected = sorted(path.name[: -len("_api.json")] for path in WORKFLOWS)
+    assert sorted(listed.get(PACK_LINK_NAME, [])) == expected
+    for name in expected:
+        graph = comfy_server.get_json(f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json")
+        assert {"nodes", "links", "version"} <= set(graph), f"{name}.json is not a UI-format workflow"
+        with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{PACK_LINK_NAME}/{name}.jpg") as answer:
+            assert answer.status == 200, f"{name}.jpg: HTTP {answer.status}"
+            thumbnail = answer.read()
+        with Image.open(io.BytesIO(thumbnail)) as picture:
+            assert picture.format == "JPEG" and picture.width >= 256 and picture.height >= 144, name
