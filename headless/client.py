@@ -3,8 +3,11 @@
 Endpoints (ComfyUI 0.8 ``server.py``): ``GET /system_stats`` (reachability), ``GET /object_info`` (node types),
 ``POST /upload/image`` (multipart), ``POST /prompt`` (``{"prompt", "client_id"}`` -> ``{"prompt_id"}`` or 400 with
 ``error``/``node_errors``), ``GET /ws?clientId=`` (progress, executing, execution_error/success/interrupted),
-``GET /history/<id>`` (status and outputs), ``GET /view`` (output files), ``POST /queue {"delete": [...]}`` and
-``POST /interrupt {"prompt_id"}`` (cancel).
+``GET /history/<id>`` (status and outputs), ``GET /queue`` (running and pending prompts), ``GET /view`` (output and
+preview files), ``POST /queue {"delete": [...]}`` and ``POST /interrupt {"prompt_id"}`` (cancel).
+
+A lost connection raises ServerUnreachable; ``reconnect`` waits for the server with the same back-off as at the
+start (``job.run_job`` uses it to carry a prompt over a server restart).
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +22,13 @@ from typing import Callable
 
 import aiohttp
 
+from .files import write_atomically
+from .outputs import FileDownload, TextOutput, plan_saves
+
 logger = logging.getLogger(__name__)
 
-OUTPUT_KEYS = ("images", "gifs", "video", "audio", "latents", "files", "3d")
+SOCKET_CLOSED = "socket_closed"  # the event ``_listen`` gives every waiting prompt when the websocket ends
+ENDING_EVENTS = ("execution_success", "execution_error", "execution_interrupted", SOCKET_CLOSED)
 KNOWN_PACKS = {  # class-type prefix -> the pack that provides it (for "node type missing" messages)
     "Refinery": "ComfyUI-Refinery (this pack: clone it into ComfyUI/custom_nodes/ and restart the server)",
 }
@@ -33,7 +39,16 @@ class HeadlessError(RuntimeError):
 
 
 class ServerUnreachable(HeadlessError):
-    pass
+    """No answer from the server (not started, stopped, or the connection dropped)."""
+
+
+class PromptLost(HeadlessError):
+    """The server knows nothing of a prompt this client queued (neither queued, running nor in its history): it was
+    restarted, or the prompt was deleted from its queue."""
+
+
+class PreviewLost(PromptLost):
+    """A preview of a finished prompt is gone from the server (ComfyUI deletes previews when it restarts)."""
 
 
 class PromptRejected(HeadlessError):
@@ -56,11 +71,13 @@ class ExecutionInterrupted(HeadlessError):
 
 @dataclass
 class PromptResult:
-    """A finished prompt: outputs as in ``/history`` (node id -> ui dict); files: what was downloaded."""
+    """A finished prompt: outputs as in ``/history`` (node id -> ui dict); files: every file saved (downloads and
+    text files); texts: the texts the nodes showed, as saved (``outputs.TextOutput`` with absolute targets)."""
 
     prompt_id: str
     outputs: dict
     files: list[Path] = field(default_factory=list)
+    texts: list[TextOutput] = field(default_factory=list)
 
 
 def describe_rejection(answer: dict, graph: dict) -> str:
@@ -82,10 +99,35 @@ def describe_rejection(answer: dict, graph: dict) -> str:
     return "\n".join(lines)
 
 
+def _download_failure(params: dict, status: int, node_id: str) -> HeadlessError:
+    """The error for a failed ``GET /view``: PreviewLost for a missing preview (it says why and how to go on without
+    it), else HeadlessError."""
+    message = f"Downloading {params['filename']!r} (type {params['type']}) of node {node_id} failed: HTTP {status}."
+    if params["type"] == "temp" and status == 404:
+        return PreviewLost(message + " Previews are temporary: ComfyUI deletes them when it restarts. Run the prompt "
+                                     "again, or pass --previews none to save only the output files.")
+    return HeadlessError(message)
+
+
+async def _next_event_may_end(events: asyncio.Queue, poll_seconds: float,
+                              on_progress: Callable[[str, dict], None] | None) -> bool:
+    """Wait up to ``poll_seconds`` for a prompt's next websocket event (given to ``on_progress``). True when the
+    server should be asked whether the prompt ended: an ending event, the socket closed, or no event (poll)."""
+    try:
+        event = await asyncio.wait_for(events.get(), timeout=poll_seconds)
+    except asyncio.TimeoutError:
+        return True
+    kind, data = event.get("type", ""), event.get("data") or {}
+    if on_progress:
+        on_progress(kind, data)
+    return kind in ENDING_EVENTS or (kind == "executing" and data.get("node") is None)
+
+
 class ComfyClient:
     """One client id, one HTTP session and one websocket to ``url``. Use as ``async with ComfyClient(url) as c``.
 
-    retries/backoff: connection attempts for reachability (``backoff * 2**i`` seconds apart, capped at 30 s).
+    retries/backoff: connection attempts for reachability (``backoff * 2**i`` seconds apart, capped at 30 s), at the
+    start and again in ``reconnect`` after the connection drops.
     """
 
     def __init__(self, url: str, retries: int = 5, backoff: float = 1.0, timeout: float = 60.0):
@@ -99,6 +141,9 @@ class ComfyClient:
         self._listener: asyncio.Task | None = None
         self._events: dict[str, asyncio.Queue] = {}
         self.owned: set[str] = set()  # prompt ids this client queued and that have not finished
+        self.connection = 0  # counts the reconnections: a caller that saw connection n asks to reconnect from n
+        self._reconnecting = asyncio.Lock()
+        self._gave_up: ServerUnreachable | None = None
 
     async def __aenter__(self) -> "ComfyClient":
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
@@ -111,10 +156,7 @@ class ComfyClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        if self._listener:
-            self._listener.cancel()
-        if self._socket is not None:
-            await self._socket.close()
+        await self._close_socket()
         if self.session:
             await self.session.close()
 
@@ -140,6 +182,32 @@ class ComfyClient:
             f"--listen ... --port ...) or pass the right --server URL."
         )
 
+    async def reconnect(self, seen_connection: int) -> None:
+        """After a lost connection: wait for the server (``retries`` tries with back-off, as at the start), then
+        reopen the websocket. Several callers that lost connection ``seen_connection`` share one reconnection;
+        once the server stayed away, every later call raises the same ServerUnreachable at once."""
+        async with self._reconnecting:
+            if self._gave_up is not None:
+                raise self._gave_up
+            if self.connection != seen_connection:
+                return  # another caller reconnected meanwhile
+            await self._close_socket()
+            try:
+                await self.wait_until_reachable()
+            except ServerUnreachable as error:
+                self._gave_up = error
+                raise
+            await self._open_socket()
+            self.connection += 1
+
+    async def _close_socket(self) -> None:
+        if self._listener:
+            self._listener.cancel()
+            self._listener = None
+        if self._socket is not None:
+            await self._socket.close()
+            self._socket = None
+
     async def _open_socket(self) -> None:
         ws_url = self.url.replace("http", "ws", 1) + f"/ws?clientId={self.client_id}"
         try:
@@ -151,16 +219,24 @@ class ComfyClient:
         self._listener = asyncio.create_task(self._listen())
 
     async def _listen(self) -> None:
-        async for message in self._socket:
-            if message.type != aiohttp.WSMsgType.TEXT:
-                continue  # binary preview frames
-            try:
-                event = json.loads(message.data)
-            except ValueError:
-                continue
-            prompt_id = (event.get("data") or {}).get("prompt_id")
-            if prompt_id:
-                self._events.setdefault(prompt_id, asyncio.Queue()).put_nowait(event)
+        """Route websocket events to their prompt's queue. When the socket ends (the server went away), every
+        waiting prompt gets a SOCKET_CLOSED event, so that ``wait`` asks the server at once instead of at its next
+        poll (and goes on by polling)."""
+        try:
+            async for message in self._socket:
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    continue  # binary preview frames
+                try:
+                    event = json.loads(message.data)
+                except ValueError:
+                    continue
+                prompt_id = (event.get("data") or {}).get("prompt_id")
+                if prompt_id:
+                    self._events.setdefault(prompt_id, asyncio.Queue()).put_nowait(event)
+        except (aiohttp.ClientError, OSError) as error:
+            logger.debug("websocket closed: %s", error)
+        for events in self._events.values():
+            events.put_nowait({"type": SOCKET_CLOSED, "data": {}})
 
     # -- requests ---------------------------------------------------------------------------------------------------
     async def _json(self, method: str, path: str, **kwargs):
@@ -203,27 +279,47 @@ class ComfyClient:
         status, answer = await self._json("GET", f"/history/{prompt_id}")
         return (answer or {}).get(prompt_id) if status == 200 else None
 
+    async def in_queue(self, prompt_id: str) -> bool:
+        """Whether ``prompt_id`` is running or pending (``GET /queue``: lists of ``[number, prompt_id, ...]``)."""
+        status, answer = await self._json("GET", "/queue")
+        if status != 200 or not isinstance(answer, dict):
+            raise HeadlessError(f"GET /queue answered HTTP {status}: {answer!r}.")
+        return any(isinstance(item, list) and len(item) > 1 and item[1] == prompt_id
+                   for key in ("queue_running", "queue_pending") for item in answer.get(key) or [])
+
+    async def _finished_or_lost(self, prompt_id: str) -> dict | None:
+        """The prompt's history entry once it has ended, None while it is queued or running; PromptLost when the
+        server knows nothing of it. (History, then queue, then history again: a prompt ending between the first two
+        requests is found by the third.)"""
+        entry = await self.history(prompt_id)
+        if not entry and not await self.in_queue(prompt_id):
+            entry = await self.history(prompt_id)
+            if not entry:
+                self.owned.discard(prompt_id)
+                raise PromptLost(f"The server at {self.url} does not know prompt {prompt_id} any more (it was "
+                                 "restarted, or the prompt was deleted from its queue).")
+        if not entry:
+            return None
+        status = entry.get("status") or {}
+        if status.get("status_str") not in ("success", "error") and not entry.get("outputs"):
+            return None
+        return entry
+
     async def wait(self, prompt_id: str, graph: dict,
                    on_progress: Callable[[str, dict], None] | None = None, poll_seconds: float = 2.0) -> dict:
         """Follow ``prompt_id`` (websocket events, with /history polled as a fallback) until it ends; returns its
-        outputs. Raises ExecutionFailed (node and message) or ExecutionInterrupted."""
+        outputs. Raises ExecutionFailed (node and message), ExecutionInterrupted, PromptLost (the server forgot it:
+        restarted) or ServerUnreachable (connection lost)."""
         events = self._events.setdefault(prompt_id, asyncio.Queue())
+        ask_now = True  # first ask the server: a prompt followed again after a reconnection may have ended meanwhile
         while True:
-            try:
-                event = await asyncio.wait_for(events.get(), timeout=poll_seconds)
-                if on_progress:
-                    on_progress(event.get("type", ""), event.get("data") or {})
-                if event.get("type") not in ("execution_success", "execution_error", "execution_interrupted") and \
-                        not (event.get("type") == "executing" and (event.get("data") or {}).get("node") is None):
-                    continue
-            except asyncio.TimeoutError:
-                pass
-            entry = await self.history(prompt_id)
-            if not entry:
+            if not ask_now and not await _next_event_may_end(events, poll_seconds, on_progress):
+                continue
+            ask_now = False
+            entry = await self._finished_or_lost(prompt_id)
+            if entry is None:
                 continue
             status = entry.get("status") or {}
-            if status.get("status_str") not in ("success", "error") and not entry.get("outputs"):
-                continue
             self.owned.discard(prompt_id)
             self._events.pop(prompt_id, None)
             messages = status.get("messages") or []
@@ -238,39 +334,35 @@ class ComfyClient:
                     raise ExecutionInterrupted(f"Prompt {prompt_id} was interrupted on the server.")
             return entry.get("outputs") or {}
 
-    async def download_outputs(self, outputs: dict, folder: Path, include_temp: bool = False) -> list[Path]:
-        """Save every output file (images, latents, ...) of a finished prompt into ``folder`` (atomically: a
-        temporary name, then renamed). Previews (type ``temp``) only with ``include_temp``."""
+    async def save_outputs(self, outputs: dict, graph: dict, folder: Path,
+                           previews: str = "ends") -> tuple[list[Path], list[TextOutput]]:
+        """Save what a finished prompt made into ``folder`` (``outputs.plan_saves``: output files, the previews
+        ``previews`` selects, one .txt per distinct text), each written atomically. Returns (every saved path, the
+        texts with absolute targets)."""
         folder = Path(folder)
-        saved = []
-        for node_outputs in outputs.values():
-            for key in OUTPUT_KEYS:
-                for entry in node_outputs.get(key, []) or []:
-                    if not isinstance(entry, dict) or "filename" not in entry:
-                        continue
-                    if entry.get("type") == "temp" and not include_temp:
-                        continue
-                    saved.append(await self._download(entry, folder))
-        return saved
+        plan = plan_saves(outputs, graph, previews)
+        saved = [await self._download(download, folder) for download in plan.downloads]
+        texts = []
+        for text in plan.texts:
+            target = write_atomically(folder / text.target, text.text if text.text.endswith("\n") else text.text + "\n")
+            texts.append(TextOutput(target, text.node_id, text.title, text.text))
+            saved.append(target)
+        return saved, texts
 
-    async def _download(self, entry: dict, folder: Path) -> Path:
+    async def _download(self, download: FileDownload, folder: Path) -> Path:
+        entry = download.entry
         params = {"filename": entry["filename"], "subfolder": entry.get("subfolder", ""),
                   "type": entry.get("type", "output")}
-        parts = [part for part in Path(params["subfolder"]).parts if part not in ("..", "/", "")]
-        target = folder.joinpath(*parts, Path(entry["filename"]).name)
+        target = folder / download.target
         try:
             async with self.session.get(f"{self.url}/view", params=params,
                                         timeout=aiohttp.ClientTimeout(total=self.timeout)) as response:
                 if response.status != 200:
-                    raise HeadlessError(f"Downloading {params} failed: HTTP {response.status}.")
+                    raise _download_failure(params, response.status, download.node_id)
                 data = await response.read()
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
             raise ServerUnreachable(f"Lost the ComfyUI server at {self.url} while downloading: {error}") from error
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(target.name + ".part")
-        temporary.write_bytes(data)
-        os.replace(temporary, target)
-        return target
+        return write_atomically(target, data)
 
     async def cancel(self, prompt_ids: set[str] | None = None) -> list[str]:
         """Remove this client's pending prompts from the queue and interrupt its running one. Returns the ids."""
@@ -283,9 +375,3 @@ class ComfyClient:
         self.owned.difference_update(ids)
         return ids
 
-    async def run(self, graph: dict, folder: Path, on_progress=None, include_temp: bool = False) -> PromptResult:
-        """Queue, follow and download one graph."""
-        prompt_id = await self.queue(graph)
-        outputs = await self.wait(prompt_id, graph, on_progress)
-        files = await self.download_outputs(outputs, folder, include_temp)
-        return PromptResult(prompt_id, outputs, files)

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "workflows"
+WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "workflows" / "api"  # the UI twins are in workflows/
 
 
 class WorkflowError(ValueError):
@@ -41,17 +41,21 @@ class Override:
         return cls(node.strip(), name.strip(), value, text)
 
 
+def shipped_workflows() -> dict[str, Path]:
+    """The pack's API-format workflows: name (``refine_image``) -> path (``workflows/api/refine_image_api.json``)."""
+    return {path.name[: -len("_api.json")]: path for path in sorted(WORKFLOWS_DIR.glob("*_api.json"))}
+
+
 def resolve_workflow(name_or_path: str) -> Path:
-    """A file path, or the name of a shipped workflow (``refine_image`` -> workflows/refine_image_api.json)."""
+    """A file path, or the name of a shipped workflow (``refine_image`` -> workflows/api/refine_image_api.json)."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
     for candidate in (WORKFLOWS_DIR / f"{name_or_path}_api.json", WORKFLOWS_DIR / name_or_path):
         if candidate.is_file():
             return candidate
-    shipped = sorted(p.name[: -len("_api.json")] for p in WORKFLOWS_DIR.glob("*_api.json"))
     raise WorkflowError(f"No workflow file {name_or_path!r}: give the path of an API-format workflow JSON, or one of "
-                        f"the shipped names {shipped}.")
+                        f"the shipped names {sorted(shipped_workflows())}.")
 
 
 def load_workflow(name_or_path: str) -> dict:
@@ -64,7 +68,7 @@ def load_workflow(name_or_path: str) -> dict:
         raise WorkflowError(f"{path} is not readable JSON ({error}).") from error
     if isinstance(graph, dict) and "nodes" in graph and "links" in graph:
         raise WorkflowError(f"{path} is a UI-format workflow (what the browser saves). Queueing needs the API format: "
-                            f"in ComfyUI use Workflow -> Export (API), or the shipped *_api.json twin.")
+                            f"in ComfyUI use Workflow -> Export (API), or the shipped twin in {WORKFLOWS_DIR}.")
     if not isinstance(graph, dict) or not graph or not all(
             isinstance(node, dict) and isinstance(node.get("class_type"), str) and isinstance(node.get("inputs"), dict)
             for node in graph.values()):
@@ -119,3 +123,20 @@ def image_inputs(graph: dict) -> list[tuple[str, str]]:
     """(node id, input name) of every image-loader widget (the inputs a local file is uploaded for)."""
     return [(node_id, IMAGE_LOADERS[node["class_type"]]) for node_id, node in graph.items()
             if node["class_type"] in IMAGE_LOADERS and not isinstance(node["inputs"].get("image"), list)]
+
+
+def describe_workflow(name_or_path: str) -> str:
+    """What ``refinery-headless show`` prints: the workflow's file, then each node (id, title, class type) and under
+    it one line per widget value ``--set`` can change, marking the image inputs ``--image``/``--images`` fill."""
+    path = resolve_workflow(name_or_path)
+    graph = load_workflow(name_or_path)
+    loaders = set(image_inputs(graph))
+    lines = [f"{path}", "Nodes, with the inputs --set '<title or id>.<input>=<value>' can change (wired ones cannot):"]
+    for node_id in sorted(graph, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n)):
+        node = graph[node_id]
+        lines.append(f"  {node_id}  {title_of(graph, node_id)} ({node['class_type']})")
+        for name, value in node["inputs"].items():
+            if not isinstance(value, list):
+                filled = "   <- --image / --images" if (node_id, name) in loaders else ""
+                lines.append(f"        {name} = {json.dumps(value, ensure_ascii=False)}{filled}")
+    return "\n".join(lines)

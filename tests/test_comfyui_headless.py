@@ -1,6 +1,6 @@
 """``refinery-headless`` against a real ComfyUI server on loopback (the ``comfy_server`` fixture): uploads, overrides,
-downloads, batch with concurrency and resume, and the errors users hit (unreachable server, validation errors per
-node, a missing node type, an execution error)."""
+downloads, the texts and previews the workflows show, batch with concurrency and resume, and the errors users hit
+(unreachable server, validation errors per node, a missing node type, an execution error)."""
 
 from __future__ import annotations
 
@@ -45,8 +45,30 @@ def test_run_uploads_the_image_applies_overrides_and_downloads_outputs(comfy_ser
     assert [f.parent.name for f in files] == ["refinery", "refinery"]  # refined + mask, in their subfolder
     with Image.open(next(f for f in files if f.name.startswith("refined"))) as refined:
         assert refined.size == (64, 48)
-    assert str(output.resolve()) in printed.out and "done: 2 file(s)" in printed.out
+    assert str(output.resolve()) in printed.out and "done: 3 file(s)" in printed.out
     assert not list(output.rglob("*.part")), "downloads are renamed into place"
+    summary = (output / "plan-summary.txt").read_text()  # G-Refine's summary, shown by the Plan Summary node
+    assert summary.startswith("image 0: ") and "prompt: 'a red circle next to a blue square" in summary
+    assert sorted(path.name for path in output.glob("*.txt")) == ["plan-summary.txt"], "the same text once"
+    assert "Plan Summary (node 9" in printed.out and summary.splitlines()[0][:100] in printed.out
+
+
+def test_run_saves_the_pq_heat_map_preview_and_every_text_of_refine_generated(comfy_server, tmp_path, capsys):
+    output = tmp_path / "generated"
+    code = main(["run", "refine_generated", "--server", comfy_server.url, *TEST_MODELS[:6],
+                 "--set", "G-Refine Plan.total_steps=2", "--set", "Generate.steps=2",
+                 "--set", "Empty Latent Image.width=64", "--set", "Empty Latent Image.height=64",
+                 "--output", str(output), "--quiet"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert sorted(path.name for path in (output / "previews").iterdir()) == ["pq-heatmap.png"], \
+        "the PreviewImage node's heat map; not the PQ-Map node's own copy of it"
+    with Image.open(output / "previews" / "pq-heatmap.png") as heatmap:
+        assert heatmap.size == (64, 64)
+    assert sorted(path.name for path in output.glob("*.txt")) == ["aq-map.txt", "plan-summary.txt"]
+    assert (output / "aq-map.txt").read_text().startswith("image 0: alignment score a = ")
+    assert (output / "plan-summary.txt").read_text().startswith("image 0: ")
+    assert "AQ-Map (node 11" in printed.out and "Plan Summary (node 21" in printed.out
 
 
 def test_batch_of_images_with_concurrency_then_resume(comfy_server, pictures, tmp_path, capsys):
@@ -94,14 +116,13 @@ def test_missing_node_type_names_the_pack(comfy_server, tmp_path, capsys):
     assert "'RefineryNoSuchNode'" in err and "is not installed on the server" in err and "ComfyUI-Refinery" in err
 
 
-def test_execution_error_names_the_node_and_the_server_keeps_serving(comfy_server, tmp_path, capsys):
-    dot = tmp_path / "dot.png"
-    Image.fromarray(np.full((1, 1, 3), 128, np.uint8)).save(dot)
-    code = main(["run", "refine_image", "--server", comfy_server.url, "--image", str(dot), *TEST_MODELS,
-                 "--output", str(tmp_path / "a")])
-    assert code == 1
+def test_execution_error_names_the_node_and_the_server_keeps_serving(comfy_server, pictures, tmp_path, capsys):
+    code = main(["run", "refine_image", "--server", comfy_server.url, "--image", str(pictures / "shot_0.png"),
+                 *TEST_MODELS, "--set", "Load Quality CLIP.surgery_depth=64", "--output", str(tmp_path / "a")])
+    assert code == 1  # valid for the server (0..64), too deep for the test tower: fails when it runs
     err = capsys.readouterr().err
-    assert "Node 5 (G-Refine) failed: ValueError" in err and "multiples of the VAE factor" in err
+    assert "\nerror: Node 3 (Load Quality CLIP) failed: ValueError: surgery_depth must be in [1, " in err
+    assert "got 64" in err
     code = main(["run", "refine_image", "--server", comfy_server.url, *TEST_MODELS, "--set", "G-Refine.seed=9",
                  "--set", "Load Image.image=picture.png", "--output", str(tmp_path / "b"), "--quiet"])
     assert code == 0, capsys.readouterr().err

@@ -1,16 +1,20 @@
-"""``refinery-headless`` without a server: argument, override and workflow errors, the unreachable-server path."""
+"""``refinery-headless`` without a server: argument, override and workflow errors, the unreachable-server path,
+where each output of a finished prompt is saved, what the batch state keys an item by, and ``show``."""
 
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
 pytest.importorskip("aiohttp")
 
-from comfyui_refinery.headless.batch import BatchState, summary_table
-from comfyui_refinery.headless.cli import main
+from comfyui_refinery.headless.batch import BatchState, item_fingerprint, summary_table
+from comfyui_refinery.headless.cli import main, parse_args
+from comfyui_refinery.headless.outputs import end_nodes, plan_saves, text_excerpt
 from comfyui_refinery.headless.workflow import Override, WorkflowError, apply_overrides, load_workflow
+
 
 def test_override_values_are_json_when_they_can_be():
     assert Override.parse("KSampler.seed=7").value == 7
@@ -37,8 +41,10 @@ def test_overrides_by_title_id_and_unique_class_type():
 
 def test_state_file_and_summary(tmp_path):
     state = BatchState(tmp_path, "w")
-    state.record("a", status="done", prompt_id="1", files=[str(tmp_path / "a.png")], error=None, seconds=1.0)
-    assert BatchState(tmp_path, "w").done("a") and not BatchState(tmp_path, "w").done("b")
+    state.record("a", status="done", fingerprint="f1", prompt_id="1", files=[str(tmp_path / "a.png")], error=None,
+                 seconds=1.0)
+    assert BatchState(tmp_path, "w").done("a", "f1") and not BatchState(tmp_path, "w").done("b", "f1")
+    assert not BatchState(tmp_path, "w").done("a", "f2") and BatchState(tmp_path, "w").changed("a", "f2")
     table = summary_table([{"item": "a", **state.data["items"]["a"]},
                            {"item": "b", "status": "failed", "files": [], "error": "Node 5 failed", "seconds": 2.0}])
     assert "a.png" in table and "Node 5 failed" in table and "1 done, 1 failed, 0 skipped" in table
@@ -65,3 +71,86 @@ def test_bad_arguments_fail_before_contacting_a_server(tmp_path, capsys):
     ui.write_text(json.dumps({"nodes": [], "links": []}))
     assert main(["run", str(ui), "--server", "http://127.0.0.1:9"]) == 2
     assert "UI-format workflow" in capsys.readouterr().err
+
+
+def test_fingerprint_follows_what_the_item_runs(tmp_path):
+    graph = load_workflow("refine_image")
+    picture = tmp_path / "a.png"
+    picture.write_bytes(b"pixels")
+    base = item_fingerprint(graph, picture)
+    retitled = json.loads(json.dumps(graph))
+    retitled["5"]["_meta"]["title"] = "Another title"
+    reordered = {node_id: graph[node_id] for node_id in reversed(list(graph))}
+    assert item_fingerprint(retitled, picture) == base == item_fingerprint(reordered, picture), \
+        "titles and key order do not change what runs"
+    assert item_fingerprint(apply_overrides(graph, [Override.parse("G-Refine.seed=7")]), picture) != base
+    assert item_fingerprint(apply_overrides(graph, [Override.parse("G-Refine.cfg=7")]), picture) == base, "7 == 7.0"
+    picture.write_bytes(b"other pixels")
+    assert item_fingerprint(graph, picture) != base
+    assert item_fingerprint(graph, None) != base
+
+
+OUTPUTS = {  # /history outputs of refine_generated as ComfyUI 0.8 writes them (entries shortened)
+    "10": {"images": [{"filename": "ComfyUI_temp_abcde_00001_.png", "subfolder": "", "type": "temp"}],
+           "animated": [False]},
+    "11": {"text": ["AQ report: fox 0.8"]},
+    "12": {"text": ["plan: 1 region"]},
+    "17": {"images": [{"filename": "refined_00001_.png", "subfolder": "refinery", "type": "output"}]},
+    "19": {"images": [{"filename": "refine_mask_00001_.png", "subfolder": "../../etc", "type": "output"}]},
+    "20": {"images": [{"filename": "ComfyUI_temp_abcde_00002_.png", "subfolder": "", "type": "temp"},
+                      {"filename": "ComfyUI_temp_abcde_00003_.png", "subfolder": "", "type": "temp"}]},
+    "21": {"text": ["plan: 1 region"]},
+}
+
+
+def test_saved_outputs_texts_once_and_the_previews_of_end_nodes():
+    graph = load_workflow("refine_generated")
+    assert {"7", "17", "19", "20", "21"} <= end_nodes(graph) and not {"10", "11", "12"} & end_nodes(graph)
+    plan = plan_saves(OUTPUTS, graph)
+    assert [(d.node_id, str(d.target)) for d in plan.downloads] == [
+        ("17", "refinery/refined_00001_.png"), ("19", "etc/refine_mask_00001_.png"),
+        ("20", "previews/pq-heatmap_1.png"), ("20", "previews/pq-heatmap_2.png")]
+    assert [(t.node_id, str(t.target), t.text) for t in plan.texts] == [
+        ("11", "aq-map.txt", "AQ report: fox 0.8"), ("21", "plan-summary.txt", "plan: 1 region")], \
+        "the plan node's summary is saved once, named after the end node showing it"
+    everything = plan_saves(OUTPUTS, graph, "all").downloads
+    assert [str(d.target) for d in everything if d.node_id == "10"] == ["previews/pq-map.png"]
+    assert all(d.entry["type"] == "output" for d in plan_saves(OUTPUTS, graph, "none").downloads)
+
+
+def test_text_excerpt_cuts_long_texts():
+    assert text_excerpt("a\nb\n") == "a\nb"
+    long = "\n".join(f"line {n}" for n in range(20))
+    assert text_excerpt(long, max_lines=3) == "line 0\nline 1\nline 2\n... (17 more line(s) in the file)"
+
+
+def test_show_lists_workflows_and_their_settable_inputs(capsys):
+    assert main(["show"]) == 0
+    listed = capsys.readouterr().out
+    assert "refine_image" in listed and "refine_image_api.json" in listed
+    assert main(["show", "refine_image"]) == 0
+    shown = capsys.readouterr().out
+    assert "5  G-Refine (RefineryGRefine)" in shown and "seed = 42" in shown and "<- --image" in shown
+    assert "images = " not in shown, "wired inputs are not listed"
+
+
+def _documented_commands() -> list[list[str]]:
+    """The example commands of ``refinery-headless --help`` (the cli docstring), as argument lists."""
+    from comfyui_refinery.headless import cli
+
+    text = cli.__doc__.replace("\\\n", " ")
+    return [shlex.split(line.split("#")[0])[1:] for line in text.splitlines()
+            if line.strip().startswith("refinery-headless ")]
+
+
+def test_the_help_examples_address_nodes_and_inputs_the_shipped_workflows_have(tmp_path):
+    commands = _documented_commands()
+    assert len(commands) >= 4
+    for arguments in commands:
+        args = parse_args(arguments)
+        if args.command == "show":
+            continue
+        graph = load_workflow(args.workflow)
+        apply_overrides(graph, [Override.parse(text) for text in args.overrides])
+        if getattr(args, "prompt_input", None):
+            apply_overrides(graph, [Override.parse(f"{args.prompt_input}=a fox")])
