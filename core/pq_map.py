@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .clip_surgery import ImageFeatures, SurgeryCLIP
-from .weights import load_state_dict, save_safetensors_atomic
+from .weights import load_state_dict, load_torch_file, save_safetensors_atomic
 
 QUALITY_FACTORS = ("overall", "technical", "rational", "natural")
 
@@ -64,30 +64,44 @@ def text_quality_prompts(pairs: dict[str, tuple[str, str]] | None = None) -> Qua
     return QualityPrompts(texts={factor: tuple(pairs[factor]) for factor in QUALITY_FACTORS}, source="text")
 
 
+def qrefine_file_name(factor: str) -> str:
+    """The official Q-Refine prompt file of a factor: ``PQ-<factor>.pth``."""
+    return f"PQ-{factor}.pth"
+
+
+def qrefine_files(folder: str | os.PathLike) -> list[Path]:
+    """The four files :func:`load_qrefine_embeddings` reads from ``folder``, one per quality factor (whether they
+    exist or not); a loader fingerprints all of them, so replacing any one reloads the prompts."""
+    return [Path(folder) / qrefine_file_name(factor) for factor in QUALITY_FACTORS]
+
+
 def load_qrefine_embeddings(folder: str | os.PathLike) -> QualityPrompts:
     """Load the official Q-Refine ``PQ-<factor>.pth`` files (CoOp contexts for OpenAI ViT-B/16).
 
     Each file holds ``params`` with ``prompt_learner.ctx`` (2, 16, 512), ``token_prefix`` (2, 1, 512) and
-    ``token_suffix`` (2, 60, 512). The sequence is prefix | ctx[:8] | suffix[:3] (class name) | ctx[8:] |
+    ``token_suffix`` (2, 60, 512) (read with ``weights_only=True``; a truncated or foreign file is named in a
+    ValueError saying what is wrong with it). The sequence is prefix | ctx[:8] | suffix[:3] (class name) | ctx[8:] |
     suffix[3:], so the end-of-text token sits at 1 + 16 + 3 = 20 (the official script's index).
     """
     folder = Path(folder)
     embeddings, eot_positions = {}, {}
-    for factor in QUALITY_FACTORS:
-        path = folder / f"PQ-{factor}.pth"
+    for factor, path in zip(QUALITY_FACTORS, qrefine_files(folder)):
         if not path.is_file():
             raise FileNotFoundError(
                 f"Q-Refine embeddings folder '{folder}' lacks 'PQ-{factor}.pth'; it needs PQ-overall.pth, "
                 f"PQ-technical.pth, PQ-rational.pth and PQ-natural.pth."
             )
-        raw = torch.load(str(path), map_location="cpu", weights_only=True)
+        raw = load_torch_file(path, what="Q-Refine prompt file")
         params = raw.get("params", raw) if isinstance(raw, dict) else {}
         try:
             context = params["prompt_learner.ctx"].float()
             prefix = params["prompt_learner.token_prefix"].float()
             suffix = params["prompt_learner.token_suffix"].float()
         except KeyError as error:
-            raise ValueError(f"'{path}' is not a Q-Refine prompt file: no {error} in its params.") from error
+            raise ValueError(
+                f"'{path}' is not a Q-Refine prompt file: no {error} in its params. Put the official PQ-{factor}.pth "
+                f"there."
+            ) from error
         head, tail = context[:, :QREFINE_CONTEXT_SPLIT], context[:, QREFINE_CONTEXT_SPLIT:]
         classes, rest = suffix[:, :QREFINE_CLASS_TOKENS], suffix[:, QREFINE_CLASS_TOKENS:]
         embeddings[factor] = torch.cat([prefix, head, classes, tail, rest], dim=1)  # (2, 77, 512)

@@ -6,6 +6,7 @@ import contextlib
 import os
 
 import torch
+import torch.nn.functional as F
 
 import comfy.model_management
 import comfy.utils
@@ -41,14 +42,34 @@ def resolve_model_file(folder: str, name: str) -> str:
     return path
 
 
-def file_fingerprint(folder: str, name: str) -> tuple:
-    """(name, modification time, size) of a model file, so a loader re-runs when the file is replaced under the
-    same name; a missing file fingerprints as its name (execute then reports it)."""
-    path = folder_paths.get_full_path(folder, name)
-    if path is None or not os.path.exists(path):
-        return (name,)
-    status = os.stat(path)
-    return (name, status.st_mtime_ns, status.st_size)
+def paths_fingerprint(paths) -> tuple:
+    """(path, modification time, size) of every file in ``paths`` ((path,) for a missing one), so a loader re-runs
+    when any file it reads is replaced, added or removed under the same name."""
+    fingerprint = []
+    for path in paths:
+        path = os.fspath(path)
+        if os.path.isfile(path):
+            status = os.stat(path)
+            fingerprint.append((path, status.st_mtime_ns, status.st_size))
+        else:
+            fingerprint.append((path,))
+    return tuple(fingerprint)
+
+
+def pad_to_multiple(pixels: torch.Tensor, factor: int) -> torch.Tensor:
+    """Pad a ComfyUI IMAGE (B, H, W, C) or MASK (B, H, W) at the bottom and right to sides that are multiples of
+    ``factor`` (a VAE's downscale factor): (B, H', W'[, C]) with H' = ceil(H / factor) * factor. The new pixels
+    mirror the picture (``reflect``) where it is large enough, else repeat its edge (``replicate``, e.g. for a
+    3-pixel side); the original pixels are unchanged at [:H, :W] (crop back with ``[:, :H, :W]``)."""
+    height, width = pixels.shape[1], pixels.shape[2]
+    pad_bottom, pad_right = -height % factor, -width % factor
+    if not pad_bottom and not pad_right:
+        return pixels
+    mode = "reflect" if pad_bottom < height and pad_right < width else "replicate"
+    channels_last = pixels.ndim == 4
+    planes = pixels.movedim(-1, 1) if channels_last else pixels[:, None]  # -> (B, C, H, W)
+    padded = F.pad(planes.float(), (0, pad_right, 0, pad_bottom), mode=mode).to(pixels.dtype)
+    return padded.movedim(1, -1) if channels_last else padded[:, 0]  # -> (B, H', W'[, C])
 
 
 def check_images(images: torch.Tensor, name: str = "image") -> torch.Tensor:

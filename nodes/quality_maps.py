@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from comfy_api.latest import io, ui
 
+import folder_paths
+
 from ..core import aq_map, clip_surgery, masks, pq_map, visualize
 from .comfy_io import (
     QUALITY_CLIP_FOLDER,
@@ -15,10 +17,10 @@ from .comfy_io import (
     batch_chunks,
     check_images,
     check_mask,
-    file_fingerprint,
     list_weight_files,
     match_batches,
     on_compute_device,
+    paths_fingerprint,
     resolve_model_file,
 )
 
@@ -34,9 +36,15 @@ CATEGORY = "Refinery/quality maps"
 def _prompt_choices() -> list[str]:
     """Text prompts, Refinery prompt files, and folders holding the official Q-Refine PQ-<factor>.pth files."""
     files = list_weight_files(QUALITY_PROMPTS_FOLDER)
-    folders = sorted({os.path.dirname(name) or "." for name in files if os.path.basename(name) == "PQ-overall.pth"})
+    overall = pq_map.qrefine_file_name("overall")
+    folders = sorted({os.path.dirname(name) or "." for name in files if os.path.basename(name) == overall})
     singles = [name for name in files if name.endswith(".safetensors")]
     return [TEXT_PROMPTS_CHOICE] + [folder + QREFINE_FOLDER_SUFFIX for folder in folders] + singles
+
+
+def _qrefine_overall(choice: str) -> str:
+    """'<folder> (Q-Refine folder)' -> '<folder>/PQ-overall.pth', the file that locates the folder."""
+    return os.path.join(choice[: -len(QREFINE_FOLDER_SUFFIX)], pq_map.qrefine_file_name("overall"))
 
 
 class QualityModelLoader(io.ComfyNode):
@@ -76,7 +84,9 @@ class QualityModelLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, checkpoint: str, architecture: str, surgery_depth: int):
-        return file_fingerprint(QUALITY_CLIP_FOLDER, checkpoint)
+        """Every file the load reads (weights, shards, the configs beside them), so replacing any reloads."""
+        path = folder_paths.get_full_path(QUALITY_CLIP_FOLDER, checkpoint)
+        return (checkpoint, *paths_fingerprint(clip_surgery.quality_clip_files(path) if path else []))
 
     @classmethod
     def execute(cls, checkpoint: str, architecture: str, surgery_depth: int) -> io.NodeOutput:
@@ -108,19 +118,20 @@ class QualityPromptsLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, prompts: str):
+        """Every file the load reads (all four PQ-<factor>.pth of a Q-Refine folder), so replacing any reloads."""
         if prompts == TEXT_PROMPTS_CHOICE:
             return prompts
         if prompts.endswith(QREFINE_FOLDER_SUFFIX):
-            return file_fingerprint(QUALITY_PROMPTS_FOLDER, os.path.join(prompts[: -len(QREFINE_FOLDER_SUFFIX)], "PQ-overall.pth"))
-        return file_fingerprint(QUALITY_PROMPTS_FOLDER, prompts)
+            overall = folder_paths.get_full_path(QUALITY_PROMPTS_FOLDER, _qrefine_overall(prompts))
+            return (prompts, *paths_fingerprint(pq_map.qrefine_files(os.path.dirname(overall)) if overall else []))
+        return (prompts, *paths_fingerprint([folder_paths.get_full_path(QUALITY_PROMPTS_FOLDER, prompts) or prompts]))
 
     @classmethod
     def execute(cls, prompts: str) -> io.NodeOutput:
         if prompts == TEXT_PROMPTS_CHOICE:
             return io.NodeOutput(pq_map.text_quality_prompts())
         if prompts.endswith(QREFINE_FOLDER_SUFFIX):
-            folder = prompts[: -len(QREFINE_FOLDER_SUFFIX)]
-            overall = resolve_model_file(QUALITY_PROMPTS_FOLDER, os.path.join(folder, "PQ-overall.pth"))
+            overall = resolve_model_file(QUALITY_PROMPTS_FOLDER, _qrefine_overall(prompts))
             return io.NodeOutput(pq_map.load_qrefine_embeddings(os.path.dirname(overall)))
         return io.NodeOutput(pq_map.load_prompt_embeddings(resolve_model_file(QUALITY_PROMPTS_FOLDER, prompts)))
 
@@ -185,7 +196,8 @@ class PerceptualQualityMap(io.ComfyNode):
             description="G-Refine perceptual quality map: P (1 = good quality) per pixel and score p per image, from "
             "four quality factors combined by the cask effect (a weak factor caps the score). Shows a heat map.",
             inputs=[
-                QualityClip.Input("quality_clip"),
+                QualityClip.Input("quality_clip", tooltip="The CLIP-Surgery quality model from Load Quality CLIP "
+                                  "(one image forward serves both maps of an image)."),
                 io.Image.Input("image", tooltip="A batch of any size; any image size and aspect ratio."),
                 QualityPrompts.Input(
                     "quality_prompts", optional=True, tooltip="Leave unconnected for the plain-text prompt pairs."
@@ -231,8 +243,10 @@ class AlignmentQualityMap(io.ComfyNode):
             "and marks where a missing object or a wrong attribute should be drawn (A, 1 = must change). Also "
             "returns the prompt with the unmatched phrases emphasized, the score a, and a per-phrase report.",
             inputs=[
-                QualityClip.Input("quality_clip"),
-                io.Image.Input("image"),
+                QualityClip.Input("quality_clip", tooltip="The CLIP-Surgery quality model from Load Quality CLIP "
+                                  "(one image forward serves both maps of an image)."),
+                io.Image.Input("image", tooltip="A batch of any size; any image size and aspect ratio. Every image "
+                               "is checked against the same prompt."),
                 io.String.Input("prompt", multiline=True, default="",
                                 tooltip="The generation prompt. ComfyUI emphasis like (red hat:1.3) is understood."),
                 io.Float.Input("noun_bound", default=0.5, min=0.01, max=0.99, step=0.01,

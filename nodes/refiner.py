@@ -13,6 +13,7 @@ single typed-in value that applies to every image.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -22,7 +23,7 @@ import comfy.samplers
 
 from ..core.masks import MaskSettings
 from ..core.refine_plan import DEFAULT_MASK, ImagePlan, RefinerSettings, plan_refinement
-from .comfy_io import check_images, check_mask, match_batches
+from .comfy_io import check_images, check_mask, match_batches, pad_to_multiple
 from .quality_maps import QualityClip, QualityPrompts, compute_quality_maps
 from .sampling import (
     DEFAULT_PIXELS_PER_LATENT,
@@ -98,7 +99,7 @@ def _sampling_inputs() -> list:
         io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
                      tooltip="Noise seed; image i of the batch gets the noise KSampler would give it."),
         io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler",
-                       tooltip="ComfyUI sampler."),
+                       tooltip="ComfyUI sampler, as in KSampler (euler is a good default for few steps)."),
         io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal",
                        tooltip="ComfyUI scheduler; with strength d and n steps, the last n steps of an n/d schedule "
                        "run (as in KSampler with denoise)."),
@@ -232,7 +233,8 @@ class MaskedRedenoise(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="Any ComfyUI model (an inpainting checkpoint suits stage 1)."),
                 io.Conditioning.Input("positive", tooltip="One conditioning for every image."),
-                io.Conditioning.Input("negative"),
+                io.Conditioning.Input("negative", tooltip="Negative conditioning for every image (e.g. "
+                                      "CLIPTextEncode of an empty prompt, or what to avoid)."),
                 io.Latent.Input("latent", tooltip="VAEEncode of the images the plan was made from."),
                 Plan.Input("plan", tooltip="From the G-Refine Plan node."),
                 *_sampling_inputs(),
@@ -268,11 +270,14 @@ class GlobalRedenoise(io.ComfyNode):
             "even out stage 1's seams. Images the plan returns untouched pass bit-identical.",
             is_experimental=True,
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="Any ComfyUI model; usually the base model (stage 2 lightly "
+                               "re-denoises the whole image, no inpainting needed)."),
                 io.Conditioning.Input("positive", tooltip="One conditioning for every image."),
-                io.Conditioning.Input("negative"),
+                io.Conditioning.Input("negative", tooltip="Negative conditioning for every image (e.g. "
+                                      "CLIPTextEncode of an empty prompt, or what to avoid)."),
                 io.Latent.Input("latent", tooltip="Usually the Masked Re-denoise output."),
-                Plan.Input("plan"),
+                Plan.Input("plan", tooltip="The plan stage 1 ran (from the G-Refine Plan node): its stage-2 "
+                           "strengths and steps, and which images stay untouched."),
                 *_sampling_inputs(),
             ],
             outputs=[io.Latent.Output("refined_latent")],
@@ -299,14 +304,18 @@ class GRefine(io.ComfyNode):
             category=CATEGORY,
             description="The whole G-Refine refiner: quality maps (PQ-Map, AQ-Map at their default knobs), plan, "
             "stage 1 (masked re-denoise, emphasized prompt) and stage 2 (light global re-denoise) with ComfyUI's "
-            "sampler, decode. Images that pass the quality gate come back bit-identical. Image sides must be "
-            "multiples of the VAE factor (8). Stage 1 samples with seed, stage 2 with seed + 1.",
+            "sampler, decode. Images that pass the quality gate come back bit-identical. Any picture size works: "
+            "pictures whose sides are not multiples of the VAE factor (8) are padded (mirrored, or the edge "
+            "repeated on sides too small to mirror) for sampling and cropped back, so every output has the "
+            "picture's own size. Stage 1 samples with seed, stage 2 with seed + 1.",
             is_experimental=True,
             inputs=[
                 io.Model.Input("model", tooltip="The model of stage 2 (and of stage 1 unless stage1_model is set)."),
                 io.Clip.Input("clip", tooltip="Encodes the (emphasized) prompts, with ComfyUI's (text:1.1) syntax."),
                 io.Vae.Input("vae", tooltip="The model's VAE."),
-                io.Image.Input("image", tooltip="A batch; sides multiples of 8."),
+                io.Image.Input("image", tooltip="A batch of any size; sides that are not multiples of the VAE "
+                               "factor are padded for sampling and cropped back (the outputs have the picture's "
+                               "size)."),
                 QualityClip.Input("quality_clip", tooltip="From Load Quality CLIP."),
                 io.String.Input("prompt", multiline=True, default="",
                                 tooltip="The generation prompt: checked by the AQ-Map; missing phrases are emphasized "
@@ -322,15 +331,18 @@ class GRefine(io.ComfyNode):
                                      tooltip="Learned quality prompts; unconnected = the plain-text pairs."),
                 io.Conditioning.Input("positive", optional=True,
                                       tooltip="Overrides the prompt (and the per-image emphasis) for sampling."),
-                io.Conditioning.Input("negative", optional=True, tooltip="Overrides negative_prompt."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="A negative CONDITIONING; when connected it replaces negative_prompt."),
                 io.Model.Input("stage1_model", optional=True,
                                tooltip="Another model for stage 1, e.g. an inpainting checkpoint of the same family."),
             ],
             outputs=[
-                io.Image.Output("refined_image"),
+                io.Image.Output("refined_image", tooltip="The pictures at their own size; those that pass the "
+                                "quality gate are bit-identical to the input."),
                 io.Mask.Output("binary_mask", tooltip="Stage-1 mask per image (all-zero where stage 1 was skipped)."),
                 io.String.Output("summary", tooltip="The plan, one line per image."),
-                Plan.Output("plan"),
+                Plan.Output("plan", tooltip="Per-image plan (masks at the picture's size), e.g. for the re-denoise "
+                            "nodes."),
             ],
         )
 
@@ -340,19 +352,15 @@ class GRefine(io.ComfyNode):
                 quality_prompts=None, positive=None, negative=None, stage1_model=None, **knobs) -> io.NodeOutput:
         settings = _settings(**knobs)
         images = check_images(image)
+        height, width = images.shape[1], images.shape[2]
         factor = vae.spacial_compression_encode()
-        if images.shape[1] % factor or images.shape[2] % factor:
-            raise ValueError(
-                f"The image is {images.shape[2]}x{images.shape[1]} pixels (W x H); G-Refine needs both sides to be "
-                f"multiples of the VAE factor {factor} so untouched images and refined ones keep the same size. "
-                f"Crop or scale it first (ImageCrop, ImageScale)."
-            )
         stage1_model = stage1_model if stage1_model is not None else model
         for name, each in (("model", model), ("stage1_model", stage1_model)):
             check_model_channels(each, vae.latent_channels, f"The VAE makes {vae.latent_channels}-channel latents "
                                  f"('{name}')")
         conditioning_for = _conditioning(clip, negative_prompt, positive, negative)
 
+        # maps and plans on the picture itself; sampling on it padded to the VAE factor (cropped back after)
         maps = compute_quality_maps(quality_clip, images, quality_prompts=quality_prompts, prompt=prompt,
                                     emphasis=emphasis, progress=False)  # the sampling stages own the progress bar
         perceptual, p = maps.perceptual_map, maps.perceptual_score
@@ -360,23 +368,34 @@ class GRefine(io.ComfyNode):
         plans = plan_refinement(perceptual, p, alignment, a, emphasized, settings)
         summary = plan_summary(plans, p, a)
 
-        masks = stage_masks(plans, (images.shape[1] // factor, images.shape[2] // factor), factor, mask_mode)
-        sampled = sampled_images(plans, masks)
+        padded_plans = [_padded_plan(plan, factor) for plan in plans]  # masks (H, W) -> (H', W')
+        latent_size = (-(-height // factor), -(-width // factor))
+        masks = stage_masks(padded_plans, latent_size, factor, mask_mode)
+        sampled = sampled_images(padded_plans, masks)
         refined = images.clone()  # images nothing is sampled for keep their exact input pixels
         if sampled:
-            progress = StageProgress(planned_steps(plans, 1, masks) + planned_steps(plans, 2))
-            samples = vae.encode(images)  # (B, H, W, 3) -> (B, C, H/8, W/8)
-            stage1 = run_stage(stage1_model, conditioning_for, samples, plans, 1, seed, sampler_name, scheduler, cfg,
-                               progress, masks, soft_mask=mask_mode == "soft")
-            stage2 = run_stage(model, conditioning_for, stage1, plans, 2, (seed + 1) % (SEED_MAX + 1), sampler_name,
-                               scheduler, cfg, progress)
-            decoded = vae.decode(stage2[sampled])  # (k, C, h, w) -> (k, H, W, 3)
-            refined[sampled] = decoded.reshape(len(sampled), *images.shape[1:]).to(refined)
+            progress = StageProgress(planned_steps(padded_plans, 1, masks) + planned_steps(padded_plans, 2))
+            padded = pad_to_multiple(images, factor)  # (B, H, W, 3) -> (B, H', W', 3)
+            samples = vae.encode(padded)  # (B, H', W', 3) -> (B, C, H'/8, W'/8)
+            stage1 = run_stage(stage1_model, conditioning_for, samples, padded_plans, 1, seed, sampler_name,
+                               scheduler, cfg, progress, masks, soft_mask=mask_mode == "soft")
+            stage2 = run_stage(model, conditioning_for, stage1, padded_plans, 2, (seed + 1) % (SEED_MAX + 1),
+                               sampler_name, scheduler, cfg, progress)
+            decoded = vae.decode(stage2[sampled])  # (k, C, h, w) -> (k, H', W', 3)
+            decoded = decoded.reshape(len(sampled), *padded.shape[1:])[:, :height, :width]  # crop the padding off
+            refined[sampled] = decoded.to(refined)
         binary = stage1_pixel_masks(plans)
         return io.NodeOutput(refined, binary, summary, plans, ui={"text": [summary]})
 
 
 # -- G-Refine helpers (compositions of core calls, no method logic) ---------------------------------------------
+def _padded_plan(plan: ImagePlan, factor: int) -> ImagePlan:
+    """The plan with its (H, W) masks padded like the picture (:func:`.comfy_io.pad_to_multiple`), so the masks
+    map onto the latent of the padded picture cell for cell."""
+    return dataclasses.replace(plan, binary_mask=pad_to_multiple(plan.binary_mask[None], factor)[0],
+                               feathered_mask=pad_to_multiple(plan.feathered_mask[None], factor)[0])
+
+
 def _conditioning(clip, negative_prompt: str, positive=None, negative=None):
     """prompt -> (positive, negative) CONDITIONING, as CLIPTextEncode makes them (ComfyUI parses the (text:1.1)
     emphasis); each distinct prompt is encoded once. Connected conditionings override the text."""

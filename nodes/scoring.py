@@ -19,6 +19,7 @@ from comfy_api.latest import io
 
 import folder_paths
 
+from ..core.clip_surgery import AUTO_ARCHITECTURE
 from ..core.reward_aggregation import rank_order, select_best, syn_pic_win_rates
 from ..core.rewards import REWARD_KINDS, RewardModel, detect_reward_kind, load_reward_model
 from .comfy_io import (
@@ -26,8 +27,8 @@ from .comfy_io import (
     WEIGHT_EXTENSIONS,
     batch_chunks,
     check_images,
-    file_fingerprint,
     on_compute_device,
+    paths_fingerprint,
     resolve_model_file,
 )
 
@@ -62,6 +63,25 @@ def resolve_reward_entry(name: str) -> str:
         if os.path.isdir(candidate):
             return candidate
     return resolve_model_file(REWARD_MODELS_FOLDER, name)
+
+
+def reward_entry_files(name: str) -> list[str]:
+    """The files a reward entry stands for: every file of a model folder (PickScore), or the file and an open_clip
+    config ``<stem>.json`` beside it; paths that do not exist are kept (a file added later changes the
+    fingerprint)."""
+    for root in folder_paths.get_folder_paths(REWARD_MODELS_FOLDER):
+        candidate = os.path.join(root, name)
+        if os.path.isdir(candidate):
+            return sorted(os.path.join(candidate, entry) for entry in os.listdir(candidate))
+    path = folder_paths.get_full_path(REWARD_MODELS_FOLDER, name) or name
+    return [path, os.path.splitext(path)[0] + ".json"]
+
+
+def architecture_choices() -> list[str]:
+    """'auto' and every open_clip architecture name (rewards take any open_clip tower, not only ViTs)."""
+    import open_clip
+
+    return [AUTO_ARCHITECTURE, *open_clip.list_models()]
 
 
 def image_prompts(prompt: str, batch: int, per_line: bool) -> list[str]:
@@ -127,10 +147,11 @@ class RewardModelLoader(io.ComfyNode):
                                tooltip="auto reads the layout: a CLIP folder = PickScore, HPSv2's {'state_dict'} .pt = "
                                "HPSv2, Refinery metadata = trained, head-only keys = aesthetic. A bare open_clip "
                                "checkpoint needs clip-score or hpsv2."),
-                io.String.Input("architecture", default="",
-                                tooltip="open_clip architecture of the checkpoint (clip-score, hpsv2) or of the "
-                                "aesthetic head's tower, e.g. ViT-H-14 or ViT-L-14-quickgelu. Empty = the format's "
-                                "default, or <checkpoint>.json beside the file."),
+                io.Combo.Input("architecture", options=architecture_choices(), default=AUTO_ARCHITECTURE,
+                               tooltip="open_clip architecture of the checkpoint (clip-score, hpsv2) or of the "
+                               "aesthetic head's tower, e.g. ViT-H-14 or ViT-L-14-quickgelu. auto = the format's "
+                               "default (HPSv2: ViT-H-14), or the open_clip config <checkpoint>.json beside the file "
+                               "(clip-score, aesthetic tower); PickScore and trained rewards carry their own."),
                 io.Combo.Input("tower", options=[NO_TOWER, *reward_model_choices()], default=NO_TOWER,
                                tooltip="Aesthetic heads only: the open_clip checkpoint the head was fit on (LAION's "
                                "heads: OpenAI ViT-L/14)."),
@@ -141,15 +162,26 @@ class RewardModelLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, architecture: str) -> bool | str:
+        """The architecture list, plus "" (the text box of earlier versions, saved in old workflows) meaning auto;
+        ComfyUI skips its own list check for an input validated here."""
+        if architecture in ("", *architecture_choices()):
+            return True
+        return (f"Unknown open_clip architecture '{architecture}': choose one from the list (open_clip's names), or "
+                f"'{AUTO_ARCHITECTURE}'.")
+
+    @classmethod
     def fingerprint_inputs(cls, model: str, kind: str, architecture: str, tower: str, batch_size: int):
-        return (file_fingerprint(REWARD_MODELS_FOLDER, model), kind, architecture, tower, batch_size)
+        """The files the load reads (the reward, its config beside it, the tower), so replacing any reloads."""
+        files = reward_entry_files(model) + (reward_entry_files(tower) if tower != NO_TOWER else [])
+        return (paths_fingerprint(files), kind, architecture, tower, batch_size)
 
     @classmethod
     def execute(cls, model: str, kind: str, architecture: str, tower: str, batch_size: int) -> io.NodeOutput:
         path = resolve_reward_entry(model)
         options: dict = {"batch_size": batch_size}
         detected = detect_reward_kind(path) if kind == "auto" else kind
-        architecture = architecture.strip()
+        architecture = "" if architecture.strip() == AUTO_ARCHITECTURE else architecture.strip()
         if detected == "aesthetic":
             if tower == NO_TOWER:
                 raise ValueError(f"'{model}' is an aesthetic head: choose its CLIP tower in 'tower' (a checkpoint in "
@@ -173,7 +205,11 @@ class ScoreImages(io.ComfyNode):
             description="Scores every image of a batch with a reward model (higher = better): one score per image "
             "and a table. The value range is the reward's own (CLIPScore 0-2.5, HPSv2 ~0.2-0.3, PickScore ~20, "
             "aesthetic 1-10).",
-            inputs=[Reward.Input("reward"), io.Image.Input("image"), *_prompt_inputs()],
+            inputs=[
+                Reward.Input("reward", tooltip="A reward model from Load Reward Model (higher score = better)."),
+                io.Image.Input("image", tooltip="A batch of any size; each image gets its own score."),
+                *_prompt_inputs(),
+            ],
             outputs=[
                 io.Float.Output("score", tooltip="One per image, in batch order.", is_output_list=True),
                 io.String.Output("table", tooltip="Markdown table of the scores."),
@@ -199,8 +235,8 @@ class RankImages(io.ComfyNode):
             description="Sorts a batch best-first by a reward and keeps the best k (ties keep batch order). The images "
             "are the input pixels, unchanged.",
             inputs=[
-                Reward.Input("reward"),
-                io.Image.Input("image"),
+                Reward.Input("reward", tooltip="A reward model from Load Reward Model (higher score = better)."),
+                io.Image.Input("image", tooltip="The batch to sort; the outputs are its own pixels, reordered."),
                 *_prompt_inputs(),
                 io.Int.Input("k", default=1, min=1, max=4096,
                              tooltip="How many of the best images 'best' holds (at most the batch size)."),
@@ -240,15 +276,16 @@ class RewardWinRate(io.ComfyNode):
             "prompt, over every connected reward: phi = wins / (n (k - 1)), a tie counting half. The batch is split "
             "into consecutive groups of images_per_prompt images (one prompt each).",
             inputs=[
-                Reward.Input("reward_1"),
-                io.Image.Input("image"),
+                Reward.Input("reward_1", tooltip="The first reward model (from Load Reward Model)."),
+                io.Image.Input("image", tooltip="The images of every prompt, images_per_prompt consecutive images "
+                               "per prompt."),
                 *_prompt_inputs(),
                 io.Int.Input("images_per_prompt", default=0, min=0, max=4096,
                              tooltip="k: images generated per prompt, consecutive in the batch. 0 = the whole batch "
                              "is one prompt's images."),
-                Reward.Input("reward_2", optional=True),
-                Reward.Input("reward_3", optional=True),
-                Reward.Input("reward_4", optional=True),
+                *(Reward.Input(f"reward_{index}", optional=True,
+                               tooltip="Another reward (optional): phi counts the wins under every connected reward.")
+                  for index in (2, 3, 4)),
             ],
             outputs=[
                 io.Float.Output("win_rate", tooltip="phi in [0, 1], one per image.", is_output_list=True),

@@ -182,3 +182,18 @@ def test_plain_patch_tokens_without_surgery(encoder):
         expected = F.normalize(visual.ln_post(tokens) @ visual.proj, dim=-1).reshape(2, 4, 4, -1)
     torch.testing.assert_close(plain.patch_features, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(plain.cls_embedding, encoder.encode_image(images).cls_embedding)
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    ("cut", r"not a readable safetensors file: it is a safetensors file cut short \([\d,]+ bytes, its header "
+            r"announces [\d,]+\)"),
+    ("text", r"not a readable safetensors file: it is a text file \(\d+ bytes, starting 'I am not a checkpoint\.'"),
+    ("random bytes", r"not a readable safetensors file: it is neither a torch archive nor a safetensors file .*corrupt"),
+])
+def test_a_damaged_checkpoint_is_named_with_what_is_wrong(tiny_checkpoint, tmp_path, damage, reason):
+    damaged = tmp_path / "damaged.safetensors"
+    whole = tiny_checkpoint.read_bytes()
+    damaged.write_bytes({"cut": whole[: len(whole) // 2], "text": b"I am not a checkpoint.\n",
+                         "random bytes": bytes(range(7, 256)) * 16}[damage])
+    with pytest.raises(ValueError, match=f"'damaged.safetensors' is {reason}"):
+        load_quality_clip(damaged, "ViT-B-16")

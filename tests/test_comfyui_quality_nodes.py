@@ -7,6 +7,8 @@ about what the maps mean (the core tests cover the maths)."""
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -419,3 +421,79 @@ def test_interrupt_stops_a_map_node_between_chunks_and_the_queue_goes_on(comfy_h
     assert result.events("execution_interrupted"), result.messages
     assert [value for value, _, node in recorder.updates if node == aq.id] == [8]  # stopped before chunk 2
     good_prompt_still_runs(comfy_harness, "after_interrupt")
+
+
+# -- transformers CLIP weights, and loaders that notice replaced files ------------------------------------------------
+def test_a_transformers_clip_folder_loads_and_runs_both_maps(comfy_harness):
+    """A CLIPModel.save_pretrained folder in models/quality_clip/ shows up as '<folder>/model.safetensors'; 'auto'
+    reads the config.json beside it and converts it to the open_clip tower both maps run on."""
+    from tiny_models import build_tiny_transformers_clip
+
+    folder = comfy_harness.models_dir / "quality_clip" / "hf-tiny-clip"
+    if not (folder / "model.safetensors").is_file():
+        build_tiny_transformers_clip(folder)
+    checkpoint = "hf-tiny-clip/model.safetensors"
+    loader = comfy_harness.node_class("RefineryQualityModelLoader")
+    assert checkpoint in loader.INPUT_TYPES()["required"]["checkpoint"][1]["options"]
+    graph = graph_builder()
+    clip, image = add_loader(graph, checkpoint=checkpoint), add_image(graph)
+    pq, aq = add_pq(graph, clip, image), add_aq(graph, clip, image)
+    saves = [save_mask(graph, pq.out(0), "hf_pq"), save_mask(graph, aq.out(0), "hf_aq")]
+    score = graph.node("PreviewAny", source=pq.out(1))
+
+    result = comfy_harness.run_graph(graph)
+
+    assert_ok(result)
+    assert all(saved_sizes(comfy_harness, result, save) == [PICTURE_SIZE] for save in saves)
+    assert 0.0 <= float(preview_values(result, score)[0]) <= 1.0
+
+    # replacing the config beside the weights reloads the model (the fingerprint covers every file read)
+    arguments = dict(checkpoint=checkpoint, architecture="auto", surgery_depth=0)
+    before = loader.fingerprint_inputs(**arguments)
+    status = (folder / "config.json").stat()
+    os.utime(folder / "config.json", ns=(status.st_atime_ns, status.st_mtime_ns + 10**9))
+    assert loader.fingerprint_inputs(**arguments) != before
+
+
+def run_pq_with_prompts(harness, choice: str):
+    """Load Quality CLIP + Load Quality Prompts(choice) -> PQ-Map with every cask bound 1 (so each factor's score
+    moves p) -> score preview. Returns (result, prompts node, score preview node)."""
+    graph = graph_builder()
+    clip, image = add_loader(graph), add_image(graph)
+    prompts = graph.node("RefineryQualityPromptsLoader", prompts=choice)
+    pq = add_pq(graph, clip, image, prompts, alpha_technical=1.0, alpha_rational=1.0, alpha_natural=1.0)
+    score = graph.node("PreviewAny", source=pq.out(1))
+    return harness.run_graph(graph), prompts, score
+
+
+def test_replacing_any_qrefine_file_reloads_the_prompts_and_a_damaged_one_is_named(comfy_harness, tmp_path):
+    """The loader used to fingerprint PQ-overall.pth only: a new PQ-natural.pth gave the old results until a
+    restart. A cut file is then refused naming it, and the queue goes on."""
+    from tiny_models import write_qrefine_prompts
+
+    folder = write_qrefine_prompts(comfy_harness.models_dir / "quality_prompts" / "refresh-test", width=64, seed=0)
+    choice = "refresh-test (Q-Refine folder)"
+    first, prompts, score = run_pq_with_prompts(comfy_harness, choice)
+    assert_ok(first)
+    again, prompts, score_again = run_pq_with_prompts(comfy_harness, choice)
+    assert_ok(again)
+    assert not again.did_run(prompts.id), "nothing changed: the prompts come from the cache"
+
+    replacement = write_qrefine_prompts(tmp_path / "other", width=64, seed=1) / "PQ-natural.pth"
+    target = folder / "PQ-natural.pth"
+    status = target.stat()
+    shutil.copyfile(replacement, target)  # same size, so only the time tells
+    os.utime(target, ns=(status.st_atime_ns, status.st_mtime_ns + 10**9))
+    changed, prompts, score_changed = run_pq_with_prompts(comfy_harness, choice)
+
+    assert_ok(changed)
+    assert changed.did_run(prompts.id)
+    assert preview_values(changed, score_changed) != preview_values(first, score)
+
+    target.write_bytes(replacement.read_bytes()[:1000])  # a copy cut short
+    damaged, prompts, _ = run_pq_with_prompts(comfy_harness, choice)
+    assert not damaged.success
+    error = damaged.execution_error
+    assert error is not None and error["node_id"] == prompts.id, damaged.error_text()
+    assert str(target) in error["exception_message"] and "cut short" in error["exception_message"]
+    good_prompt_still_runs(comfy_harness, "after_damaged_prompts")

@@ -467,20 +467,84 @@ def test_latent_with_a_noise_mask_is_refused_then_recovers(comfy_harness, sd15_m
     good_prompt_still_runs(comfy_harness, sd15_models, pictures)
 
 
-def test_all_in_one_refuses_sides_not_multiple_of_eight(comfy_harness, sd15_models, pictures):
+def test_all_in_one_pads_a_17x3_picture_and_returns_it_at_its_own_size(comfy_harness, sd15_models, pictures):
+    """Sides that are not multiples of the VAE factor (an ordinary photo's) used to be refused: the picture is padded
+    for sampling (replicated here: 3 rows are too few to mirror 5) and cropped back; the mask keeps its size too."""
     graph = graph_builder()
     unet, clip, vae = add_models(graph, sd15_models)
-    image = graph.node("ImageCrop", image=graph.node("LoadImage", image=pictures[0]).out(0), width=60, height=64,
-                       x=0, y=0)
+    image = graph.node("ImageCrop", image=graph.node("LoadImage", image=pictures[0]).out(0), width=17, height=3,
+                       x=5, y=20)
     quality = graph.node("RefineryQualityModelLoader", checkpoint="tiny-vit.safetensors", architecture="auto",
                          surgery_depth=0)
     refine = graph.node("RefineryGRefine", model=unet.out(0), clip=clip.out(0), vae=vae.out(0), image=image.out(0),
                         quality_clip=quality.out(0), prompt=PROMPT, negative_prompt="", seed=0, emphasis=1.1,
                         **SAMPLING, **KNOBS)
-    graph.node("SaveImage", images=refine.out(0), filename_prefix="not_multiple")
-    message = failure(comfy_harness.run_graph(graph), refine)
-    assert "60x64 pixels" in message and "multiples of the VAE factor 8" in message
-    good_prompt_still_runs(comfy_harness, sd15_models, pictures)
+    save = graph.node("SaveImage", images=refine.out(0), filename_prefix="odd_17x3")
+    mask_save = graph.node("SaveImage", images=graph.node("MaskToImage", mask=refine.out(1)).out(0),
+                           filename_prefix="odd_17x3_mask")
+
+    result = comfy_harness.run_graph(graph)
+
+    assert_ok(result)
+    (refined,) = saved_pixels(comfy_harness, result, save)
+    assert refined.shape == (3, 17, 3)
+    assert not np.array_equal(refined, input_pixels(comfy_harness, pictures[0])[20:23, 5:22]), "it was refined"
+    assert [mask.shape for mask in saved_pixels(comfy_harness, result, mask_save)] == [(3, 17, 3)]
+    assert "stage 1: strength" in result.outputs[refine.id]["text"][0]
+
+
+def test_all_in_one_pads_a_mirrored_61x45_picture_and_crops_it_back(comfy_harness, loaded):
+    """Padding by mirroring (3 rows and 3 columns to 64x48): picture, mask and plan keep 45x61 (H x W), and the
+    refined pixels come from the sampled latent (they differ from the input everywhere stage 1 ran)."""
+    from comfyui_refinery.core.clip_surgery import load_quality_clip
+
+    model, clip_model, vae_model, images = loaded
+    picture = images[:, 7:52, 2:63]  # (2, 45, 61, 3)
+    encoder = load_quality_clip(str(comfy_harness.models_dir / "quality_clip" / "tiny-vit.safetensors"), "auto")
+    node = comfy_harness.node_class("RefineryGRefine")
+    with torch.inference_mode():
+        refined, mask, summary, plans = node.execute(
+            model=model, clip=clip_model, vae=vae_model, image=picture, quality_clip=encoder, prompt=PROMPT,
+            negative_prompt="", seed=0, emphasis=1.1, **SAMPLING, **(KNOBS | dict(global_strength=0.0))).result
+    assert refined.shape == picture.shape and mask.shape == (2, 45, 61) and bool(mask.all()), summary
+    assert all(plan.binary_mask.shape == (45, 61) for plan in plans)
+    assert ((refined - picture).abs().flatten(1).mean(1) > 1e-3).all(), "both pictures were refined"
+
+
+def test_all_in_one_takes_a_1001x777_picture_and_returns_it_at_its_own_size(comfy_harness, loaded):
+    """A photo-sized picture goes through maps, plan and the padded latent masks at 777x1001 (H x W) and comes back
+    at that size: untouched (bit-identical) when it passes the gate or its mask is empty. (Sampling it would need
+    the UNet's attention over 126x98 latent cells, more than 10 GB on a CPU: the sampled crop is checked on 17x3
+    and 61x45 pictures.)"""
+    from comfyui_refinery.core.clip_surgery import load_quality_clip
+
+    model, clip_model, vae_model, images = loaded
+    # (1, 64, 64, 3) -> (1, 777, 1001, 3), real content everywhere
+    photo = torch.nn.functional.interpolate(images[:1].movedim(-1, 1), size=(777, 1001), mode="bilinear",
+                                            align_corners=False).movedim(1, -1).clamp(0, 1)
+    encoder = load_quality_clip(str(comfy_harness.models_dir / "quality_clip" / "tiny-vit.safetensors"), "auto")
+    node = comfy_harness.node_class("RefineryGRefine")
+    arguments = dict(model=model, clip=clip_model, vae=vae_model, image=photo, quality_clip=encoder, prompt=PROMPT,
+                     negative_prompt="", seed=0, emphasis=1.1, **SAMPLING)
+    for knobs in (dict(perceptual_gate=0.0, alignment_gate=-1.0), dict(threshold=1.0, global_strength=0.0)):
+        with torch.inference_mode():
+            refined, mask, summary, plans = node.execute(**arguments, **(KNOBS | knobs)).result
+        assert torch.equal(refined, photo), summary
+        assert mask.shape == (1, 777, 1001) and plans[0].feathered_mask.shape == (777, 1001)
+
+
+def test_padding_mirrors_where_it_can_and_keeps_the_picture(comfy_harness):
+    from comfyui_refinery.nodes.comfy_io import pad_to_multiple
+
+    picture = torch.rand(2, 777, 1001, 3)
+    padded = pad_to_multiple(picture, 8)
+    assert padded.shape == (2, 784, 1008, 3) and torch.equal(padded[:, :777, :1001], picture)
+    assert torch.equal(padded[:, 777:, :1001], picture[:, 769:776].flip(1))  # rows 775, 774 ... 769 mirrored
+    small = torch.rand(1, 3, 17)  # a MASK too small to mirror 5 rows: the edge repeats
+    padded_mask = pad_to_multiple(small, 8)
+    assert padded_mask.shape == (1, 8, 24) and torch.equal(padded_mask[:, :3, :17], small)
+    assert torch.equal(padded_mask[:, 3:, :17], small[:, 2:3].expand(1, 5, 17))
+    assert pad_to_multiple(padded, 8) is padded  # already multiples: nothing to do
 
 
 def test_plan_node_refuses_bad_knobs_and_list_lengths(comfy_harness, sd15_models, pictures):

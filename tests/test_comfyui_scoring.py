@@ -62,7 +62,7 @@ def add_batch(graph):
     return image
 
 
-def add_reward(graph, model, kind="auto", architecture="", tower="none"):
+def add_reward(graph, model, kind="auto", architecture="auto", tower="none"):
     return graph.node("RefineryRewardModelLoader", model=model, kind=kind, architecture=architecture, tower=tower,
                       batch_size=3)
 
@@ -128,8 +128,9 @@ def test_win_rate_over_two_rewards_matches_syn_pic(comfy_harness, rewards):
 
     node = comfy_harness.node_class("RefineryRewardWinRate")
     loader = comfy_harness.node_class("RefineryRewardModelLoader")
-    clip = loader.execute(model=rewards["clip"], kind="clip-score", architecture="", tower="none", batch_size=2).result[0]
-    trained = loader.execute(model=rewards["trained"], kind="auto", architecture="", tower="none",
+    clip = loader.execute(model=rewards["clip"], kind="clip-score", architecture="auto", tower="none",
+                          batch_size=2).result[0]
+    trained = loader.execute(model=rewards["trained"], kind="auto", architecture="auto", tower="none",
                              batch_size=4).result[0]
     images = pictures_tensor(comfy_harness)
     with torch.inference_mode():
@@ -192,3 +193,47 @@ def test_bad_inputs_fail_clearly_and_the_queue_goes_on(comfy_harness, rewards, c
                       image=add_batch(good).out(0), prompt=f"{PROMPT} {case}", prompt_per_line=False)
     good.node("PreviewAny", source=score.out(1))
     assert_ok(comfy_harness.run_graph(good))
+
+
+def test_architecture_is_a_list_of_open_clip_names_with_auto(comfy_harness, rewards):
+    """A combo (the loader's errors say "choose ... from the list"), default auto = the format's default or the JSON
+    beside the file; "" (the text box of earlier versions, in saved workflows) still means auto."""
+    import open_clip
+
+    spec = comfy_harness.node_class("RefineryRewardModelLoader").INPUT_TYPES()["required"]["architecture"]
+    assert spec[0] == "COMBO" and spec[1]["default"] == "auto"
+    assert spec[1]["options"][0] == "auto" and set(open_clip.list_models()) <= set(spec[1]["options"])
+    assert {"ViT-H-14", "ViT-L-14-quickgelu", "reward-tower"} <= set(spec[1]["options"])
+    expected = core_scores(comfy_harness, rewards["clip"], "clip-score")
+    for architecture in ("auto", "", "reward-tower"):
+        graph = graph_builder()
+        reward = add_reward(graph, rewards["clip"], kind="clip-score", architecture=architecture)
+        score = graph.node("RefineryScoreImages", reward=reward.out(0), image=add_batch(graph).out(0), prompt=PROMPT,
+                           prompt_per_line=False)
+        show = graph.node("PreviewAny", source=score.out(1))
+        result = comfy_harness.run_graph(graph)
+        assert_ok(result)
+        values = [float(line.split("|")[2]) for line in result.outputs[show.id]["text"][0].splitlines()[2:]]
+        assert values == pytest.approx(expected.tolist(), abs=1e-4), architecture
+
+    graph = graph_builder()
+    reward = add_reward(graph, rewards["clip"], kind="clip-score", architecture="ViT-Nope")
+    score = graph.node("RefineryScoreImages", reward=reward.out(0), image=add_batch(graph).out(0), prompt=PROMPT,
+                       prompt_per_line=False)
+    graph.node("PreviewAny", source=score.out(1))
+    refused = comfy_harness.run_graph(graph)
+    assert refused.validation_error is not None
+    text = refused.error_text()
+    assert "Unknown open_clip architecture 'ViT-Nope'" in text and "from the list" in text
+
+
+def test_replacing_the_config_beside_a_reward_reloads_it(comfy_harness, rewards):
+    import os
+
+    loader = comfy_harness.node_class("RefineryRewardModelLoader")
+    arguments = dict(model=rewards["clip"], kind="clip-score", architecture="auto", tower="none", batch_size=3)
+    before = loader.fingerprint_inputs(**arguments)
+    config = comfy_harness.models_dir / "reward_models" / "reward-tower.json"
+    status = config.stat()
+    os.utime(config, ns=(status.st_atime_ns, status.st_mtime_ns + 10**9))
+    assert loader.fingerprint_inputs(**arguments) != before

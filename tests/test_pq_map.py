@@ -4,6 +4,7 @@ embeddings on a ViT-B/16-shaped tower, our own prompt files, and batches of odd 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,49 @@ def test_official_qrefine_embeddings_on_a_vit_b16_shaped_tower(encoder):
     # the 512-wide embeddings do not fit the tiny tower's 64-wide text encoder
     with pytest.raises(ValueError, match="made for another CLIP"):
         pq_map.encode_quality_prompts(encoder, prompts)
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("cut in the middle", r"it is a torch zip archive cut short \([\d,]+ bytes, its end record is missing\)"),
+        ("cut after 40 bytes", r"it is a torch zip archive cut short \(40 bytes"),
+        ("empty", r"it is empty \(0 bytes\)"),
+        ("readme text", r"it is a text file \(\d+ bytes, starting 'This folder holds the PQ"),
+        ("text starting with 'a'", r"it is a text file \(\d+ bytes, starting 'a list of prompts"),
+        ("git lfs pointer", r"it is a Git LFS pointer .*git lfs pull"),
+        ("html page", r"it is an HTML page"),
+    ],
+    ids=["cut-middle", "cut-40-bytes", "empty", "readme-text", "text-starting-with-a", "git-lfs-pointer", "html-page"],
+)
+def test_a_damaged_qrefine_file_is_named_with_what_is_wrong(tmp_path, damage, reason):
+    """torch.load itself says 'OSError: [Errno 22] Invalid argument' (a cut archive), 'IndexError: pop from empty
+    list' or 'KeyError: 104' (text), never the file: the loader names it and says what is wrong."""
+    from tiny_models import write_qrefine_prompts
+
+    folder = write_qrefine_prompts(tmp_path / "qrefine")
+    damaged = folder / "PQ-natural.pth"
+    whole = damaged.read_bytes()
+    contents = {
+        "cut in the middle": whole[: len(whole) // 2],
+        "cut after 40 bytes": whole[:40],
+        "empty": b"",
+        "readme text": b"This folder holds the PQ prompt files of Q-Refine.\nSee the README.\n",
+        "text starting with 'a'": b"a list of prompts\nanother line\n",
+        "git lfs pointer": b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 317275\n",
+        "html page": b"<!DOCTYPE html><html><body>Sign in to continue</body></html>\n",
+    }[damage]
+    damaged.write_bytes(contents)
+
+    for load in (pq_map.load_qrefine_embeddings, pq_map.load_prompt_embeddings):
+        with pytest.raises(ValueError, match=f"Q-Refine prompt file '{re.escape(str(damaged))}' cannot be read: "
+                                             f"{reason}"):
+            load(folder)
+
+
+def test_synthetic_qrefine_files_load_on_a_tower_of_their_width(encoder, tmp_path):
+    from tiny_models import write_qrefine_prompts
+
+    prompts = pq_map.load_qrefine_embeddings(write_qrefine_prompts(tmp_path / "qrefine", width=64))
+    assert prompts.embeddings["natural"].shape == (2, 77, 64)
+    assert pq_map.encode_quality_prompts(encoder, prompts).shape == (4, 2, 32)

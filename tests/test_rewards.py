@@ -532,3 +532,21 @@ def test_loading_errors_users_can_act_on(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="Choose the kind"):
         load_reward_model(tiny_checkpoint)
     assert isinstance(load_reward_model(tiny_checkpoint, kind="clip-score"), ClipScoreReward)
+
+
+def test_a_cut_or_renamed_text_reward_file_is_named_with_what_is_wrong(tiny_checkpoint, tmp_path):
+    """torch.load alone raises OSError / IndexError / KeyError here, naming no file."""
+    from safetensors.torch import load_file
+
+    whole = tmp_path / "HPS_v2_compressed.pt"
+    torch.save({"state_dict": load_file(str(tiny_checkpoint))}, whole)
+    cut = tmp_path / "HPS_v2_cut.pt"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    text = tmp_path / "HPS_v2_text.pt"
+    text.write_text("a note: download the real HPS_v2_compressed.pt here\n")
+    for kind in ("auto", "hpsv2"):
+        with pytest.raises(ValueError, match=r"'.*HPS_v2_cut\.pt' cannot be read: it is a torch zip "
+                                             r"archive cut short"):
+            load_reward_model(cut, kind=kind, **({"architecture": ARCH} if kind == "hpsv2" else {}))
+    with pytest.raises(ValueError, match=r"'.*HPS_v2_text\.pt' cannot be read: it is a text file .*starting 'a note"):
+        load_reward_model(text)

@@ -51,8 +51,9 @@ def resolve_open_clip_config(checkpoint: str | os.PathLike, architecture: Archit
     config = open_clip.get_model_config(name)
     if config is None:
         raise ValueError(
-            f"Unknown open_clip architecture '{name}'. Choose one of open_clip.list_models() (e.g. 'ViT-H-14', "
-            f"'ViT-L-14-quickgelu'), or 'auto' with the model config JSON '<checkpoint stem>.json' beside the checkpoint."
+            f"Unknown open_clip architecture '{name}'. Choose one of open_clip's names (the 'architecture' list of "
+            f"the Load Reward Model node; open_clip.list_models() in scripts), e.g. 'ViT-H-14' or "
+            f"'ViT-L-14-quickgelu', or 'auto' with the model config JSON '<checkpoint stem>.json' beside the checkpoint."
         )
     return name, config
 

@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import inspect
 import os
-import pickle
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from ..weights import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES
+from ..weights import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, load_torch_file
 from .aesthetic import aesthetic_head_format, load_aesthetic
 from .base import REWARD_KINDS, RewardModel, example_keys, guess_model_family
 from .clip_score import load_clip_score
@@ -78,13 +76,7 @@ def _ambiguous_clip(path: Path) -> ValueError:
 def _read_torch_checkpoint(path: Path) -> tuple[dict, bool]:
     """``(state_dict, wrapped)`` of a torch file read with ``weights_only=True``; wrapped = it was
     ``{"state_dict": ...}`` (the HPSv2 release layout)."""
-    try:
-        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError) as error:
-        raise ValueError(
-            f"'{path.name}' could not be read as a plain torch state dict ({error}). It may be corrupt, or contain "
-            f"pickled code, which is refused for safety: convert it to .safetensors."
-        ) from error
+    loaded = load_torch_file(path, what="reward model file")
     wrapped = isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict)
     state_dict = loaded["state_dict"] if wrapped else loaded
     if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
