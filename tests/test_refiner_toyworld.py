@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 from comfyui_refinery.benchmarks import refiner_toyworld as benchmark  # noqa: E402
+from comfyui_refinery.benchmarks.toyworld import measures  # noqa: E402
 from comfyui_refinery.core.masks import MaskSettings  # noqa: E402
 from comfyui_refinery.core.refine_plan import RefinerSettings  # noqa: E402
 
@@ -61,10 +62,10 @@ def test_stage1_keeps_every_pixel_outside_its_mask(numbers):
         if numbers[f"refiner_stage1_{group}_no_outside"] == count:
             continue  # the mask covers every picture of this group: nothing outside to check
         checked += 1
-        assert numbers[f"refiner_stage1_{group}_psnr_outside_median"] == benchmark.PSNR_CAP_DB
+        assert numbers[f"refiner_stage1_{group}_psnr_outside_median"] == measures.PSNR_CAP_DB
         assert numbers[f"refiner_stage1_{group}_psnr_outside_ge30_rate"] == 1.0
         assert numbers[f"refiner_stage1_{group}_ssim_outside"] == pytest.approx(1.0, abs=1e-6)
-        assert numbers[f"global_{group}_psnr_outside_median"] < benchmark.PSNR_CAP_DB
+        assert numbers[f"global_{group}_psnr_outside_median"] < measures.PSNR_CAP_DB
     assert checked, "every mask covered its whole picture; pick other test pictures"
 
 
@@ -74,10 +75,10 @@ def test_psnr_and_ssim_by_hand():
     second[0, :, :8] += 0.1  # left half of picture 0 off by 0.1: MSE 0.01 there, PSNR 20 dB
     left = torch.zeros(2, 16, 16, dtype=torch.bool)
     left[:, :, :8] = True
-    values = benchmark.psnr(first, second, left)
-    assert values[0].item() == pytest.approx(20.0, abs=1e-4) and values[1].item() == benchmark.PSNR_CAP_DB
-    assert math.isnan(benchmark.psnr(first, second, torch.zeros_like(left))[0].item())  # empty region
-    ssim = benchmark.ssim_map(first, second)
+    values = measures.psnr(first, second, left)
+    assert values[0].item() == pytest.approx(20.0, abs=1e-4) and values[1].item() == measures.PSNR_CAP_DB
+    assert math.isnan(measures.psnr(first, second, torch.zeros_like(left))[0].item())  # empty region
+    ssim = measures.ssim_map(first, second)
     assert torch.allclose(ssim[1], torch.ones(16, 16), atol=1e-6) and float(ssim[0].min()) < 1.0
 
 
