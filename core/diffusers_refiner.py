@@ -23,8 +23,13 @@ Prompts: the plan's prompt may carry ComfyUI's emphasis syntax ``(phrase:1.1)`` 
 which diffusers would read as literal text; the runner passes the plain text (``strip_emphasis``), in which the
 emphasized phrases stay, repeated after the prompt.
 
-Seeds: picture i uses ``seed + i`` in stage 1 and ``seed + i + 1`` in stage 2 (fresh noise, as the ComfyUI node's
-``seed + 1``).
+Which stage runs for a picture: ``core.refine_plan.stage_runs``, the rule the ComfyUI nodes use too (stage 1 on a
+non-empty mask at a strength > 0 with >= 1 step unless the plan skips it; stage 2 likewise, independently). A picture
+neither stage runs for comes back bit-identical.
+
+Seeds: every (stage, picture) pair gets its own generator seed, :func:`stage_seed` ``(seed, stage, index)``, so no
+two stages or pictures share noise (``seed + i`` / ``seed + i + 1`` gave stage 2 of picture i the noise of stage 1 of
+picture i + 1).
 """
 
 from __future__ import annotations
@@ -33,11 +38,12 @@ import inspect
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .prompt_parsing import strip_emphasis
-from .refine_plan import ImagePlan
+from .refine_plan import ImagePlan, stage_runs
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,17 @@ def scheduler_steps(planned_steps: int, strength: float) -> int:
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}.")
     return max(planned_steps, math.ceil(planned_steps / strength - 1e-9))
+
+
+def stage_seed(seed: int, stage: int, index: int) -> int:
+    """The generator seed of picture ``index`` in stage ``stage`` (1 or 2) of a run seeded ``seed``: 64 bits drawn
+    from ``numpy.random.SeedSequence([seed, stage, index])``, distinct for every (seed, stage, index) in practice and
+    the same on every machine. seed, index >= 0."""
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}.")
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be >= 0, got seed {seed}, index {index}.")
+    return int(np.random.SeedSequence([int(seed), stage, int(index)]).generate_state(1, dtype=np.uint64)[0])
 
 
 def latent_cover_mask(mask: torch.Tensor, pixels_per_latent: int) -> torch.Tensor:
@@ -108,10 +125,11 @@ def refine_with_pipeline(
     """Refine each picture by its plan (eq. 10: stage 1 on the mask, then stage 2 on the whole picture).
 
     pipeline: a diffusers text-to-image (or img2img/inpaint) pipeline; images: (B, H, W, 3) float in [0, 1], H and W
-    multiples of the VAE factor; plans: B plans; seed: picture i uses ``torch.Generator().manual_seed(seed + i)`` in
-    stage 1 and ``seed + i + 1`` in stage 2. stage1_pipeline/stage2_pipeline: override the stages (e.g. an inpainting
+    multiples of the VAE factor; plans: B plans; seed: picture i's generator in stage n is seeded
+    :func:`stage_seed` ``(seed, n, i)``. stage1_pipeline/stage2_pipeline: override the stages (e.g. an inpainting
     checkpoint for stage 1; a stage-2 pipeline that takes ``mask_image`` gets an all-ones mask).
-    A picture whose plan skips stage 2 is returned bit-identical.
+    Each stage runs by ``stage_runs`` (core/refine_plan.py); a picture neither stage runs for is returned
+    bit-identical, and ``after_stage1`` is the input wherever stage 1 did not run.
     """
     from tqdm.auto import tqdm
 
@@ -131,12 +149,13 @@ def refine_with_pipeline(
     after_stage1, refined = images.clone(), images.clone()
     for index in tqdm(range(images.shape[0]), desc="G-Refine", disable=not progress):
         plan = plans[index]
-        if plan.skip_stage2:
-            continue
+        first, second = stage_runs(plan, 1), stage_runs(plan, 2)
+        if not (first or second):
+            continue  # untouched: bit-identical
         original = images[index : index + 1].permute(0, 3, 1, 2).float()  # (1, 3, H, W)
         current = original
         prompt = strip_emphasis(plan.prompt)[0]
-        if not plan.skip_stage1:
+        if first:
             mask = latent_cover_mask(plan.binary_mask, pixels_per_latent)[None, None]  # (1, 1, H, W), 1 = re-denoise
             repainted = inpaint(
                 prompt=prompt,
@@ -146,15 +165,15 @@ def refine_with_pipeline(
                 strength=plan.stage1_strength,
                 num_inference_steps=scheduler_steps(plan.stage1_steps, plan.stage1_strength),
                 guidance_scale=guidance_scale,
-                generator=torch.Generator().manual_seed(seed + index),
+                generator=torch.Generator().manual_seed(stage_seed(seed, 1, index)),
                 height=images.shape[1],
                 width=images.shape[2],
                 output_type="pt",
             ).images.float().cpu()  # (1, 3, H, W) in [0, 1]
             feathered = plan.feathered_mask[None, None].float()
             current = feathered * repainted + (1 - feathered) * original
-        after_stage1[index] = current[0].permute(1, 2, 0)
-        if plan.stage2_steps > 0 and plan.stage2_strength > 0:
+            after_stage1[index] = current[0].permute(1, 2, 0)
+        if second:
             whole = {}
             if stage2_masked:  # an inpainting pipeline as stage 2: re-denoise the whole picture
                 whole = {"mask_image": torch.ones_like(current[:, :1]), "height": images.shape[1],
@@ -167,7 +186,7 @@ def refine_with_pipeline(
                 strength=plan.stage2_strength,
                 num_inference_steps=scheduler_steps(plan.stage2_steps, plan.stage2_strength),
                 guidance_scale=guidance_scale,
-                generator=torch.Generator().manual_seed(seed + index + 1),
+                generator=torch.Generator().manual_seed(stage_seed(seed, 2, index)),
                 output_type="pt",
             ).images.float().cpu()
         refined[index] = current[0].permute(1, 2, 0).clamp(0, 1)

@@ -5,7 +5,8 @@ Pipeline (no ComfyUI import, no network, no nltk data packages):
 1. :func:`strip_emphasis` removes ComfyUI prompt-weighting syntax and records per-span weights.
 2. :func:`tokenize` splits the plain text into words with character offsets; :func:`tag_words` gives Penn tags
    (TextBlob's pattern tagger, offline and deterministic; swap that one function for a better tagger).
-3. :func:`build_tree` cuts the words into segments at ``, ; | . ! ?`` and chunks each segment with the cascaded
+3. :func:`build_tree` cuts the words into segments at ``, ; | . ! ?`` (the dot of an abbreviation such as "Mr." or
+   "U.S." belongs to its word, :data:`ABBREVIATIONS`, and ends nothing) and chunks each segment with the cascaded
    ``nltk.RegexpParser`` grammar :data:`GRAMMAR`. Tree shape: ``S -> SEG+ -> chunks``; leaves are
    ``(word, tag)`` pairs in prompt order (leaf ``i`` of the tree is ``ParsedPrompt.words[i]``).
 4. :func:`compute_clusters` (eq. 4) groups every word around its nearest noun; :func:`phrase_ancestors`
@@ -21,9 +22,14 @@ Project decisions (documented here once, referred to below):
   parent is a COORD node): "a cat and a dog" gives "a cat" and "a dog", not "a cat and".
 - Words never join across segments (the lowest common ancestor may not be the root ``S``); a segment without a
   noun ("highly detailed") contributes no phrase.
-- A node's cluster (Algorithm 1) is that of its head noun: a leaf's head is itself if it is a centre; a subtree's
-  head is its last centre among its direct leaves, else the head of its first child subtree. S, SEG and COORD
-  nodes have no head, so segments and coordinated phrases are roots.
+- A node's cluster (Algorithm 1) is that of its head noun: a leaf's head is itself if it is a centre; a verb
+  phrase's (VP) head is the centre its verb joined in eq. 4 (its object when it has one, else the noun it describes,
+  by eq. 4's left tie rule), so prepositional phrases under a verb ("sitting on a table next to a vase") hang from
+  the noun the verb describes, not from the first of them; any other subtree's head is its last centre among its
+  direct leaves, else the head of its first child subtree. S, SEG and COORD nodes have no head, so segments and
+  coordinated phrases are roots.
+- "next to", "close to", "adjacent to", "prior to" are one preposition: the first word is retagged IN, and a PP may
+  start with several prepositions ("out of the box").
 """
 
 from __future__ import annotations
@@ -44,19 +50,30 @@ PUNCT_TAGS = frozenset({",", ".", ":", "(", ")", '"', "``", "''", "#", "$", "SYM
 SEGMENT_TOKENS = frozenset({",", ";", "|", ".", "!", "?"})
 HEADLESS_LABELS = frozenset({"S", "SEG", "COORD"})
 EMPHASIS_UP = 1.1  # ComfyUI: "(text)" multiplies by 1.1, "[text]" divides by 1.1
+VERB_TAGS = ("VB", "MD")  # tag prefixes of the verb leaves that give a VP its head
+TO_PREPOSITIONS = frozenset({"next", "close", "adjacent", "prior"})  # "<word> to" is one preposition
+ABBREVIATIONS = ("Mr", "Mrs", "Ms", "Mx", "Dr", "Prof", "St", "Sr", "Jr", "Mt", "Ft", "Capt", "Col", "Gen", "Lt", "Sgt",
+                 "Rev", "Hon", "Gov", "Sen", "Rep", "Pres", "Fr", "Mme", "Mlle", "vs")
+"""Words whose "." is part of the word, not a segment end, when a word follows ("Mr. Smith"); initialisms of single
+letters ("U.S.", "J.R.R.") keep their dots too."""
 
 # Cascaded chunk grammar, applied stage by stage to each segment.
 GRAMMAR = r"""
 NP: {<PDT>?<DT|PRP\$>?<CD>*(<RB.*>*<JJ.*|VBN|CD>+<CC>?)*<NN.*|FW>+}  # base noun phrase: "three red apples"
     {<PRP>}                                                      # pronoun
-PP: {<IN|TO><NP>}                                                # "on a wooden table"
+PP: {<IN|TO>+<NP>}                                               # "on a wooden table", "next to a vase"
 VP: {<MD>?<RB.*>*<VB.*>+<RB.*|RP>*(<NP>|<PP>|<RB.*>*<JJ.*>)*}     # "wearing a blue hat", "is very cute"
 REL: {<WDT|WP|WP\$|IN><VP>}                                     # "that is sleeping on the sofa"
 NP: {<NP><PP|VP|REL>+}                                           # attach modifiers to the preceding NP
 COORD: {<NP>(<CC><NP>)+}                                         # "a cat and a dog"
 """
 
-_TOKEN_RE = re.compile(r"(?i:embedding:[^\s,()\[\]]+)|'s\b|\w+(?:[-'’.%]\w+)*%?|[^\w\s]")
+_TOKEN_RE = re.compile(
+    r"(?i:embedding:[^\s,()\[\]]+)"
+    r"|\b(?:" + "|".join(ABBREVIATIONS) + r")\.(?=\s*\w)"  # "Mr. Smith": the dot ends no segment
+    r"|\b(?:[A-Za-z]\.){2,}"  # initialisms: "U.S.", "J.R.R."
+    r"|'s\b|\w+(?:[-'’.%]\w+)*%?|[^\w\s]"
+)
 
 
 @dataclass(frozen=True)
@@ -193,8 +210,9 @@ def strip_emphasis(prompt: str) -> tuple[str, list[tuple[int, int, float]]]:
 
 # ------------------------------------------------------------------------------------------------ tokens and tags
 def tokenize(text: str) -> list[tuple[str, int, int]]:
-    """Split plain text into (word, start, end) with character offsets; "1girl", "cat-ear", "3.5", "café" are one
-    word; "'s" and each punctuation mark or emoji are separate words."""
+    """Split plain text into (word, start, end) with character offsets; "1girl", "cat-ear", "3.5", "café", "Mr."
+    (:data:`ABBREVIATIONS`, when a word follows) and "U.S." are one word; "'s" and each punctuation mark or emoji are
+    separate words."""
     return [(m.group(), m.start(), m.end()) for m in _TOKEN_RE.finditer(text)]
 
 
@@ -209,7 +227,7 @@ def tag_words(text: str) -> list[tuple[str, str]]:
     """Penn-tag whitespace-separated words: ``text`` is the words joined by single spaces; returns one (word, tag)
     per word, words unchanged. The one place the tagger lives: TextBlob's pattern tagger (offline, deterministic;
     unknown words such as "1girl" or "一只猫" come out NN). Tokens without a letter or digit become punctuation
-    ("," / "." for segment marks) or SYM."""
+    ("," / "." for segment marks) or SYM; "next"/"close"/"adjacent"/"prior" before "to" become IN."""
     words = text.split()
     if not words:
         return []
@@ -218,8 +236,10 @@ def tag_words(text: str) -> list[tuple[str, str]]:
         logger.warning("tagger returned %d tags for %d words; tagging words one by one", len(tagged), len(words))
         tagged = [(_pattern_tagger().tag(w, tokenize=False) or [(w, "NN")])[0] for w in words]
     out = []
-    for w, (_, tag) in zip(words, tagged):
-        if w in SEGMENT_TOKENS:
+    for k, (w, (_, tag)) in enumerate(zip(words, tagged)):
+        if w.lower() in TO_PREPOSITIONS and k + 1 < len(words) and words[k + 1].lower() == "to":
+            tag = "IN"  # "next to": one preposition
+        elif w in SEGMENT_TOKENS:
             tag = "," if w in ",;|" else "."
         elif w.lower().startswith("embedding:") or not re.search(r"\w", w):
             tag = "SYM"
@@ -302,12 +322,22 @@ def phrase_ancestors(tree: nltk.Tree, clusters: list[int | None]) -> dict[int, i
     """Ancestor back-tracking, g-refine.txt Algorithm 1 (GET_PHRASE_ANCESTOR).
 
     clusters: output of :func:`compute_clusters`. Walks the tree breadth-first from the root; where a child's
-    cluster (its head noun: module docstring) differs from its parent's, the child's cluster gets the cluster of
-    the nearest ancestor node that has one. The first assignment (shallowest) is kept; clusters never assigned
-    are roots. Returns {centre leaf index: ancestor centre leaf index}, a root mapping to itself."""
+    cluster (its head noun: module docstring; a VP's is the centre its verb joined) differs from its parent's, the
+    child's cluster gets the cluster of the nearest ancestor node that has one. The first assignment (shallowest) is
+    kept; clusters never assigned are roots. Returns {centre leaf index: ancestor centre leaf index}, a root mapping
+    to itself."""
     positions = tree.treepositions("leaves")
     index = {p: i for i, p in enumerate(positions)}
     head: dict[tuple[int, ...], int | None] = {}
+
+    def _verb_cluster(node: nltk.Tree, pos: tuple[int, ...]) -> int | None:
+        """The cluster of the first verb leaf directly under ``node`` that joined a centre, else None."""
+        for k, child in enumerate(node):
+            if not isinstance(child, nltk.Tree) and child[1].startswith(VERB_TAGS):
+                cluster = clusters[index[pos + (k,)]]
+                if cluster is not None:
+                    return cluster
+        return None
 
     def head_of(pos: tuple[int, ...]) -> int | None:
         if pos in head:
@@ -316,6 +346,8 @@ def phrase_ancestors(tree: nltk.Tree, clusters: list[int | None]) -> dict[int, i
         h = None
         if not isinstance(node, nltk.Tree):
             h = index[pos] if clusters[index[pos]] == index[pos] else None
+        elif node.label() == "VP" and (verb := _verb_cluster(node, pos)) is not None:
+            h = verb  # the noun the verb joined (eq. 4), never the noun of a PP under the verb
         elif node.label() not in HEADLESS_LABELS:
             leaf_heads = [head_of(pos + (k,)) for k, c in enumerate(node) if not isinstance(c, nltk.Tree)]
             leaf_heads = [x for x in leaf_heads if x is not None]

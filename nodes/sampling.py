@@ -17,8 +17,13 @@ How a stage samples (g-refine.txt eq. 10, METHODS.md 1.4):
 - Noise is ``comfy.sample.prepare_noise(whole latent, seed, batch_index)`` sliced per image, so image i gets the
   same noise as in a plain KSampler run over the batch. Images with the same (strength, steps, prompt) are sampled
   together as one batch; each keeps its own mask.
-- Images whose plan skips the stage, with strength 0 or 0 steps (a total of 1 step gives stage 2 none), or with
-  an empty stage-1 mask are not sampled: their latent comes back unchanged.
+- Whether a stage samples an image is ``core.refine_plan.stage_runs`` (the rule the diffusers runner uses too), with
+  the stage-1 mask on the latent grid: images whose plan skips the stage, with strength 0 or 0 steps (a total of 1
+  step gives stage 2 none), or with an empty stage-1 latent mask are not sampled: their latent comes back unchanged.
+- Prompts (eq. 7): each image's plan carries its emphasized prompt, ``(phrase:1.1)`` appended for every phrase the
+  AQ-Map found missing. :func:`plan_conditioning` encodes it with a CLIP, as CLIPTextEncode would (ComfyUI parses the
+  emphasis), once per distinct prompt; a connected positive conditioning overrides it (one conditioning for every
+  image, no per-image emphasis), as in the all-in-one node.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import comfy.sample
 import comfy.utils
 import latent_preview
 
-from ..core.refine_plan import ImagePlan
+from ..core.refine_plan import ImagePlan, stage_runs
 
 logger = logging.getLogger(__name__)
 
@@ -148,22 +153,52 @@ def stage_masks(plans: list[ImagePlan], latent_size: tuple[int, int], pixels_per
 
 def stage_jobs(plans: list[ImagePlan], stage: int, masks: torch.Tensor | None = None) -> list[tuple[tuple, list[int]]]:
     """The sampler calls of one stage: ((strength, steps, prompt), image indices), images sharing all three
-    grouped; skipped images (see module doc) left out."""
+    grouped; images the stage does not run for (``stage_runs``, with the latent mask ``masks[index]`` in stage 1)
+    left out."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     for index, plan in enumerate(plans):
-        if stage == 1:
-            skip, strength, steps = plan.skip_stage1, plan.stage1_strength, plan.stage1_steps
-            if not skip and masks is not None and not bool(masks[index].any()):
-                skip = True  # an all-zero mask: nothing to change locally (documented)
-        else:
-            skip, strength, steps = plan.skip_stage2, plan.stage2_strength, plan.stage2_steps
-        if skip or strength <= 0 or steps < 1:
+        mask = masks[index] if stage == 1 and masks is not None else None
+        if not stage_runs(plan, stage, mask):
             continue
+        strength, steps = (plan.stage1_strength, plan.stage1_steps) if stage == 1 else \
+            (plan.stage2_strength, plan.stage2_steps)
         if not 0 <= strength <= 1:
             raise ValueError(f"Image {index}'s stage-{stage} strength is {strength}: it must be in [0, 1]. Rebuild "
                              "the plan with the Refine Plan node.")
         groups[(float(strength), int(steps), plan.prompt)].append(index)
     return list(groups.items())
+
+
+def plan_conditioning(clip=None, positive=None, negative=None, negative_prompt: str = "") -> ConditioningFor:
+    """prompt -> (positive, negative) CONDITIONING for :func:`run_stage`, shared by the stage nodes and G-Refine.
+
+    With ``clip``, each plan's prompt (the eq. 7 emphasized prompt) is encoded as CLIPTextEncode would (ComfyUI parses
+    the ``(phrase:1.1)`` emphasis), each distinct prompt once; ``negative_prompt`` likewise unless ``negative`` is
+    connected. A connected ``positive`` overrides the plan's prompts (one conditioning for every image: the per-image
+    emphasis is then not used). Refuses a setup that cannot condition: no clip and a missing positive or negative."""
+    if clip is None and (positive is None or negative is None):
+        missing = [name for name, value in (("positive", positive), ("negative", negative)) if value is None]
+        raise ValueError(
+            f"No CLIP and no {' or '.join(missing)} conditioning: connect a CLIP (the plan's emphasized prompt of each "
+            f"image is then encoded with it), or both positive and negative conditionings."
+        )
+    cache: dict[str, list] = {}
+
+    def encode(text: str) -> list:
+        if text not in cache:
+            cache[text] = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        return cache[text]
+
+    fixed_positive = check_conditioning(positive, "positive") if positive is not None else None
+    fixed_negative = check_conditioning(negative, "negative") if negative is not None else None
+    if fixed_positive is not None and clip is not None:
+        logger.info("positive conditioning connected: it overrides the plans' emphasized prompts")
+
+    def conditioning_for(prompt: str) -> tuple[list, list]:
+        return (fixed_positive if fixed_positive is not None else encode(prompt),
+                fixed_negative if fixed_negative is not None else encode(negative_prompt))
+
+    return conditioning_for
 
 
 class StageProgress:

@@ -5,13 +5,15 @@ stage-1 strength, seeds reproduce, bad input is refused."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 pytest.importorskip("diffusers")
 
 from comfyui_refinery.benchmarks.toyworld.sd_pipeline import build_pipeline  # noqa: E402
-from comfyui_refinery.core.diffusers_refiner import refine_with_pipeline, scheduler_steps  # noqa: E402
+from comfyui_refinery.core.diffusers_refiner import refine_with_pipeline, scheduler_steps, stage_seed  # noqa: E402
 from comfyui_refinery.core.masks import MaskSettings  # noqa: E402
 from comfyui_refinery.core.refine_plan import RefinerSettings, plan_refinement  # noqa: E402
 
@@ -30,6 +32,9 @@ def test_scheduler_steps_by_hand():
         scheduler_steps(10, 0.0)
 
 
+UNTOUCHED = dict(alignment_gate=0.05, skip_stage2_when_gated=True)  # a = 0.1 passes; gated pictures stay as they are
+
+
 def make_plans(images, perceptual_scores, settings=RefinerSettings(total_steps=4, mask=MaskSettings())):
     perceptual = torch.ones(images.shape[:3])
     perceptual[:, :, :32] = 0.0  # the left half is poor
@@ -41,7 +46,8 @@ def make_plans(images, perceptual_scores, settings=RefinerSettings(total_steps=4
 def test_stage1_keeps_pixels_outside_the_mask_and_gated_pictures_are_untouched(pipeline):
     torch.manual_seed(0)
     images = torch.rand(2, 64, 64, 3)
-    plans = make_plans(images, torch.tensor([0.3, 0.95]), RefinerSettings(total_steps=4, alignment_gate=0.05, mask=MaskSettings()))
+    plans = make_plans(images, torch.tensor([0.3, 0.95]),
+                       RefinerSettings(total_steps=4, mask=MaskSettings(), **UNTOUCHED))
     assert not plans[0].skip_stage1 and plans[1].skip_stage2
     result = refine_with_pipeline(pipeline, images, plans, guidance_scale=2.0, progress=False)
     assert torch.equal(result.after_stage1[0, :, 32:], images[0, :, 32:])  # outside the mask: the input's pixels
@@ -59,6 +65,75 @@ def test_bad_input_is_refused(pipeline):
         refine_with_pipeline(pipeline, torch.rand(2, 64, 64, 3), plans, progress=False)
     with pytest.raises(ValueError, match=r"mask of picture 0 is \(64, 64\) but the picture is \(32, 32\)"):
         refine_with_pipeline(pipeline, torch.rand(1, 32, 32, 3), plans, progress=False)
+
+
+STAGE_SEED_0_1_0 = 5836529245451711556  # numpy.random.SeedSequence([0, 1, 0]).generate_state(1, dtype=np.uint64)[0]
+
+
+def test_stage_seed_is_per_stage_and_picture():
+    seeds = {(seed, stage, index): stage_seed(seed, stage, index)
+             for seed in range(6) for stage in (1, 2) for index in range(6)}
+    assert len(set(seeds.values())) == len(seeds)  # no two (seed, stage, picture) share a seed
+    assert stage_seed(0, 2, 0) != stage_seed(0, 1, 1) and stage_seed(0, 2, 0) != stage_seed(1, 1, 0)
+    assert all(0 <= value < 2**64 for value in seeds.values())
+    assert stage_seed(3, 1, 2) == stage_seed(3, 1, 2)
+    # pinned: numpy's SeedSequence is specified, so these are the same on every machine and numpy version
+    assert stage_seed(0, 1, 0) == STAGE_SEED_0_1_0
+    with pytest.raises(ValueError, match="stage must be 1 or 2"):
+        stage_seed(0, 3, 0)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        stage_seed(-1, 1, 0)
+
+
+def recording_stages(pipe):
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    return (RecordingStage(AutoPipelineForInpainting.from_pipe(pipe)),
+            RecordingStage(AutoPipelineForImage2Image.from_pipe(pipe)))
+
+
+def test_each_stage_and_picture_gets_its_own_generator_seed(pipeline):
+    """Before: picture i used seed + i in stage 1 and seed + i + 1 in stage 2, the stage-1 noise of picture i + 1."""
+    images = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(8))
+    plans = make_plans(images, torch.tensor([0.2, 0.3, 0.4]))
+    stage1, stage2 = recording_stages(pipeline)
+    refine_with_pipeline(pipeline, images, plans, guidance_scale=2.0, seed=7, progress=False, stage1_pipeline=stage1,
+                         stage2_pipeline=stage2)
+    first = [call["generator"].initial_seed() for call in stage1.calls]
+    second = [call["generator"].initial_seed() for call in stage2.calls]
+    assert first == [stage_seed(7, 1, index) for index in range(3)]
+    assert second == [stage_seed(7, 2, index) for index in range(3)]
+    assert len(set(first + second)) == 6
+    assert second[0] != first[1] and second[1] != first[2]
+
+
+def test_gated_pictures_still_get_stage2_by_default(pipeline):
+    """METHODS.md 1.4 and the paper: a picture that passes the gate skips stage 1 only."""
+    images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(9))
+    plans = make_plans(images, torch.tensor([0.3, 0.95]), RefinerSettings(total_steps=4, alignment_gate=0.05,
+                                                                          mask=MaskSettings()))
+    assert plans[1].reason == "passed the quality gate" and plans[1].skip_stage1 and not plans[1].skip_stage2
+    stage1, stage2 = recording_stages(pipeline)
+    result = refine_with_pipeline(pipeline, images, plans, guidance_scale=2.0, progress=False, stage1_pipeline=stage1,
+                                  stage2_pipeline=stage2)
+    assert (len(stage1.calls), len(stage2.calls)) == (1, 2)
+    assert torch.equal(result.after_stage1[1], images[1])  # no stage 1
+    assert not torch.allclose(result.images[1], images[1], atol=1e-4)  # but stage 2
+    assert stage2.calls[1]["strength"] == plans[1].stage2_strength
+
+
+def test_a_plan_that_skips_only_stage2_still_runs_stage1(pipeline):
+    """The stages are independent (core ``stage_runs``, as in the ComfyUI nodes); before, the diffusers runner
+    returned such a picture untouched."""
+    images = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(10))
+    plans = [dataclasses.replace(make_plans(images, torch.tensor([0.3]))[0], skip_stage2=True)]
+    stage1, stage2 = recording_stages(pipeline)
+    result = refine_with_pipeline(pipeline, images, plans, guidance_scale=2.0, progress=False, stage1_pipeline=stage1,
+                                  stage2_pipeline=stage2)
+    assert (len(stage1.calls), len(stage2.calls)) == (1, 0)
+    assert torch.equal(result.after_stage1[0, :, 32:], images[0, :, 32:])
+    assert not torch.allclose(result.after_stage1[0, :, :32], images[0, :, :32], atol=1e-3)
+    torch.testing.assert_close(result.images, result.after_stage1.clamp(0, 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,7 +238,7 @@ def test_sd15_shaped_pipeline_per_picture_strength_masks_gate_and_seed(sd15_pipe
 
     generator = torch.Generator().manual_seed(1)
     images = torch.rand(3, 64, 64, 3, generator=generator)
-    settings = RefinerSettings(total_steps=3, alignment_gate=0.05, mask=FEATHERED)  # (n1, n2) = (2, 1)
+    settings = RefinerSettings(total_steps=3, mask=FEATHERED, **UNTOUCHED)  # (n1, n2) = (2, 1)
     plans = make_plans(images, torch.tensor([0.2, 0.7, 0.95]), settings)
     assert [plan.reason for plan in plans] == ["refine", "refine", "passed the quality gate"]
     assert (plans[0].stage1_steps, plans[0].stage2_steps) == (2, 1)
@@ -230,7 +305,7 @@ def test_tiny_sdxl_pipeline_runs_both_stages(pipeline):
     assert type(AutoPipelineForImage2Image.from_pipe(sdxl)).__name__ == "StableDiffusionXLImg2ImgPipeline"
     images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(2))
     plans = make_plans(images, torch.tensor([0.3, 0.95]),
-                       RefinerSettings(total_steps=4, alignment_gate=0.05, mask=FEATHERED))
+                       RefinerSettings(total_steps=4, mask=FEATHERED, **UNTOUCHED))
     with count_unet_calls(sdxl.unet) as unet_calls:
         result = refine_with_pipeline(sdxl, images, plans, guidance_scale=2.0, progress=False)
     assert len(unet_calls) == 2 + 2  # one picture refined: n1 + n2 steps
@@ -262,7 +337,7 @@ def inpainting_pipeline(pipeline):
 def test_inpainting_checkpoint_as_stage1_keeps_pixels_outside_the_feathered_mask(pipeline, inpainting_pipeline):
     images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(4))
     plans = make_plans(images, torch.tensor([0.3, 0.95]),
-                       RefinerSettings(total_steps=4, alignment_gate=0.05, mask=FEATHERED))
+                       RefinerSettings(total_steps=4, mask=FEATHERED, **UNTOUCHED))
     with count_unet_calls(inpainting_pipeline.unet) as stage1_calls, count_unet_calls(pipeline.unet) as stage2_calls:
         result = refine_with_pipeline(pipeline, images, plans, guidance_scale=2.0, progress=False,
                                       stage1_pipeline=inpainting_pipeline)

@@ -37,7 +37,28 @@ CASES = [
     ("an old man with a beard", [("an old man", "man", 0), ("with a beard", "beard", 0)]),
     (
         "a black and white cat sitting on a table near a window",
-        [("a black and white cat sitting", "cat", 0), ("on a table", "table", 0), ("near a window", "window", 1)],
+        [("a black and white cat sitting", "cat", 0), ("on a table", "table", 0), ("near a window", "window", 0)],
+    ),
+    # every PP under a verb hangs from the noun the verb describes, not from the first PP's noun
+    (
+        "a cat sitting on a table next to a blue vase",
+        [("a cat sitting", "cat", 0), ("on a table", "table", 0), ("next to a blue vase", "vase", 0)],
+    ),
+    # a verb with an object: the VP is the object's, so its PPs hang from the object
+    (
+        "a man riding a horse on a beach",
+        [("a man", "man", 0), ("riding a horse", "horse", 0), ("on a beach", "beach", 1)],
+    ),
+    # abbreviations keep their dot and split no segment; a real "." still does
+    ("Mr. Smith walking a dog", [("Mr. Smith", "Smith", 0), ("walking a dog", "dog", 0)]),
+    (
+        "a portrait of Dr. Jones in the U.S. Army. A dog",
+        [
+            ("a portrait", "portrait", 0),
+            ("of Dr. Jones", "Jones", 0),
+            ("in the U.S. Army", "Army", 0),
+            ("A dog", "dog", 3),
+        ],
     ),
     # relative clauses
     ("a dog that is sleeping on the sofa", [("a dog that", "dog", 0), ("is sleeping on the sofa", "sofa", 0)]),
@@ -174,6 +195,21 @@ def test_tokenize_offsets():
     assert all(text[s:e] == w for w, s, e in toks)
 
 
+def test_abbreviation_dots_end_no_segment():
+    assert [t[0] for t in tokenize("Mr. Smith, Mrs.Jones vs. the U.S. team. A cat")] == [
+        "Mr.", "Smith", ",", "Mrs.", "Jones", "vs.", "the", "U.S.", "team", ".", "A", "cat"
+    ]
+    assert [t[0] for t in tokenize("a portrait of Mr.")] == ["a", "portrait", "of", "Mr", "."]  # nothing follows
+    assert [t[0] for t in tokenize("a cat. Dog")] == ["a", "cat", ".", "Dog"]
+    assert len(parse_prompt("a photo of Mr. Smith with a hat").tree) == 1  # one segment
+    assert len(parse_prompt("a photo of a man. A hat").tree) == 2
+
+
+def test_next_to_is_one_preposition():
+    assert dict(tag_words("a cat next to a dog"))["next"] == "IN"
+    assert dict(tag_words("the next cat"))["next"] != "IN"
+
+
 def test_tree_one_subtree_per_comma_segment():
     tree = parse_prompt("masterpiece, 1girl, blue hair, best quality").tree
     assert tree.label() == "S"
@@ -233,6 +269,30 @@ def test_algorithm1_on_a_hand_made_tree():
     #            a  cat wearing a  hat with a  feather a  dog
     assert clusters == [1, 1, 1, 4, 4, 7, 7, 7, 9, 9]  # wearing: 4 edges to cat and to hat -> left
     assert phrase_ancestors(tree, clusters) == {1: 1, 4: 1, 7: 4, 9: 9}
+
+
+def test_algorithm1_pps_under_a_verb_hang_from_the_noun_the_verb_describes():
+    # a cat [sitting [on a table] [near a vase]]: the VP has no noun leaf and no object; before the fix its head was
+    # its first PP's noun (table), so the vase's ancestor was the table
+    def noun_phrase(noun):
+        return nltk.Tree("NP", [_leaf("a", "DT"), _leaf(noun, "NN")])
+
+    def pp(prep, noun):
+        return nltk.Tree("PP", [_leaf(prep, "IN"), noun_phrase(noun)])
+
+    def sentence(subject, vp):
+        return nltk.Tree("S", [nltk.Tree("SEG", [nltk.Tree("NP", [noun_phrase(subject), vp])])])
+
+    tree = sentence("cat", nltk.Tree("VP", [_leaf("sitting", "VBG"), pp("on", "table"), pp("near", "vase")]))
+    clusters = compute_clusters(tree)
+    #                    a  cat sitting on a table near a vase
+    assert clusters == [1, 1, 1, 5, 5, 5, 8, 8, 8]  # sitting: 4 edges to cat and to table -> left
+    assert phrase_ancestors(tree, clusters) == {1: 1, 5: 1, 8: 1}
+    # a VP whose verb joined its object is the object's: its PPs hang from the object
+    tree = sentence("man", nltk.Tree("VP", [_leaf("riding", "VBG"), noun_phrase("horse"), pp("on", "beach")]))
+    clusters = compute_clusters(tree)
+    assert clusters == [1, 1, 4, 4, 4, 7, 7, 7]
+    assert phrase_ancestors(tree, clusters) == {1: 1, 4: 1, 7: 4}
 
 
 # ---------------------------------------------------------------------------------- robustness, determinism
