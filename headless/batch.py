@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .client import ComfyClient, HeadlessError, ServerUnreachable
-from .files import write_atomically
+from ..trainers.common.atomic import atomic_write_text
 from .job import Job, run_job
 from .workflow import Override, apply_overrides
 
@@ -162,7 +162,7 @@ class BatchState:
 
     def record(self, key: str, **entry) -> None:
         self.data["items"][key] = entry
-        write_atomically(self.path, json.dumps(self.data, indent=2))
+        atomic_write_text(self.path, json.dumps(self.data, indent=2))
 
 
 def item_graphs(graph: dict, items: list[BatchItem], image_input: tuple[str, str] | None) -> dict[str, dict]:

@@ -22,7 +22,7 @@ from typing import Callable
 
 import aiohttp
 
-from .files import write_atomically
+from ..trainers.common.atomic import atomic_write_bytes, atomic_write_text
 from .outputs import FileDownload, TextOutput, plan_saves
 
 logger = logging.getLogger(__name__)
@@ -344,7 +344,7 @@ class ComfyClient:
         saved = [await self._download(download, folder) for download in plan.downloads]
         texts = []
         for text in plan.texts:
-            target = write_atomically(folder / text.target, text.text if text.text.endswith("\n") else text.text + "\n")
+            target = atomic_write_text(folder / text.target, text.text if text.text.endswith("\n") else text.text + "\n")
             texts.append(TextOutput(target, text.node_id, text.title, text.text))
             saved.append(target)
         return saved, texts
@@ -362,7 +362,7 @@ class ComfyClient:
                 data = await response.read()
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
             raise ServerUnreachable(f"Lost the ComfyUI server at {self.url} while downloading: {error}") from error
-        return write_atomically(target, data)
+        return atomic_write_bytes(target, data)
 
     async def cancel(self, prompt_ids: set[str] | None = None) -> list[str]:
         """Remove this client's pending prompts from the queue and interrupt its running one. Returns the ids."""

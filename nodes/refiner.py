@@ -33,6 +33,7 @@ from .sampling import (
     check_latent,
     check_model_channels,
     check_plans,
+    plan_conditioning,
     planned_steps,
     run_stage,
     sampled_images,
@@ -358,7 +359,7 @@ class GRefine(io.ComfyNode):
         for name, each in (("model", model), ("stage1_model", stage1_model)):
             check_model_channels(each, vae.latent_channels, f"The VAE makes {vae.latent_channels}-channel latents "
                                  f"('{name}')")
-        conditioning_for = _conditioning(clip, negative_prompt, positive, negative)
+        conditioning_for = plan_conditioning(clip, positive, negative, negative_prompt)
 
         # maps and plans on the picture itself; sampling on it padded to the VAE factor (cropped back after)
         maps = compute_quality_maps(quality_clip, images, quality_prompts=quality_prompts, prompt=prompt,
@@ -394,29 +395,6 @@ def _padded_plan(plan: ImagePlan, factor: int) -> ImagePlan:
     map onto the latent of the padded picture cell for cell."""
     return dataclasses.replace(plan, binary_mask=pad_to_multiple(plan.binary_mask[None], factor)[0],
                                feathered_mask=pad_to_multiple(plan.feathered_mask[None], factor)[0])
-
-
-def _conditioning(clip, negative_prompt: str, positive=None, negative=None):
-    """prompt -> (positive, negative) CONDITIONING, as CLIPTextEncode makes them (ComfyUI parses the (text:1.1)
-    emphasis); each distinct prompt is encoded once. Connected conditionings override the text."""
-    if clip is None and (positive is None or negative is None):
-        raise ValueError("'clip' is None (the checkpoint has no text encoder): connect a CLIP, or both positive "
-                         "and negative conditionings.")
-    cache: dict[str, list] = {}
-
-    def encode(text: str) -> list:
-        if text not in cache:
-            cache[text] = clip.encode_from_tokens_scheduled(clip.tokenize(text))
-        return cache[text]
-
-    fixed_positive = check_conditioning(positive, "positive") if positive is not None else None
-    fixed_negative = check_conditioning(negative, "negative") if negative is not None else None
-
-    def conditioning_for(prompt: str) -> tuple[list, list]:
-        return (fixed_positive if fixed_positive is not None else encode(prompt),
-                fixed_negative if fixed_negative is not None else encode(negative_prompt))
-
-    return conditioning_for
 
 
 NODES = [RefinePlan, MaskedRedenoise, GlobalRedenoise, GRefine]

@@ -46,7 +46,7 @@ def test_run_uploads_the_image_applies_overrides_and_downloads_outputs(comfy_ser
     with Image.open(next(f for f in files if f.name.startswith("refined"))) as refined:
         assert refined.size == (64, 48)
     assert str(output.resolve()) in printed.out and "done: 3 file(s)" in printed.out
-    assert not list(output.rglob("*.part")), "downloads are renamed into place"
+    assert not list(output.rglob("*.tmp")), "downloads are renamed into place"
     summary = (output / "plan-summary.txt").read_text()  # G-Refine's summary, shown by the Plan Summary node
     assert summary.startswith("image 0: ") and "prompt: 'a red circle next to a blue square" in summary
     assert sorted(path.name for path in output.glob("*.txt")) == ["plan-summary.txt"], "the same text once"

@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` via ``<path>.tmp`` and ``os.replace``. Returns the path."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via ``<path>.tmp`` and ``os.replace`` (creating the parent folders); a failure
+    removes the temporary file. Returns the path. Standard library only: the headless client uses it too."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with open(temporary, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
@@ -24,6 +25,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         if temporary.exists():
             temporary.unlink()
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` via ``<path>.tmp`` and ``os.replace``. Returns the path."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike, value: Any) -> Path:
