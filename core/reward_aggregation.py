@@ -14,9 +14,6 @@ k / 2. We count a tie as half a win for both images (``tie_credit = 0.5``): phi 
 preference probability (``sum_i phi_i = k / 2`` for every prompt), and swapping two tied images changes nothing.
 ``tie_credit = 0`` reproduces Algorithm 1 literally. Reward scores are continuous, so ties are rare in practice.
 
-Normalised scores (for averaging rewards of different scales, an alternative to win rates): z-score or min-max of
-each reward over a batch of images.
-
 Shapes: n = number of rewards, k = images per prompt, P = prompts, B = images in a batch.
 """
 
@@ -25,7 +22,6 @@ from __future__ import annotations
 import torch
 
 TIE_CREDIT = 0.5
-NORMALISATIONS = ("zscore", "minmax")
 
 
 def _check_finite(scores: torch.Tensor, what: str) -> None:
@@ -90,51 +86,3 @@ def select_best(scores: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"Cannot select the best {k} of {available} images: k must be between 1 and {available}.")
     _check_finite(scores, "Scores")
     return rank_order(scores)[..., : int(k)]
-
-
-def zscore_normalise(scores: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Standardise each reward over the batch: (n, B) (or (B,)) -> same shape, ``(s - mean) / std`` along B.
-
-    std is the population standard deviation (divide by B); a reward that gives every image the same score (or a
-    batch of one) maps to 0 everywhere.
-    """
-    scores = torch.as_tensor(scores).float()
-    _check_finite(scores, "Scores")
-    mean = scores.mean(dim=-1, keepdim=True)
-    std = scores.std(dim=-1, unbiased=False, keepdim=True)
-    return torch.where(std > eps, (scores - mean) / std.clamp(min=eps), torch.zeros_like(scores))
-
-
-def minmax_normalise(scores: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Rescale each reward over the batch to [0, 1]: (n, B) (or (B,)) -> same shape, ``(s - min) / (max - min)``
-    along B. A reward that gives every image the same score maps to 0.5 everywhere (no preference)."""
-    scores = torch.as_tensor(scores).float()
-    _check_finite(scores, "Scores")
-    low = scores.min(dim=-1, keepdim=True).values
-    spread = scores.max(dim=-1, keepdim=True).values - low
-    return torch.where(spread > eps, (scores - low) / spread.clamp(min=eps), torch.full_like(scores, 0.5))
-
-
-def combined_score(
-    scores: torch.Tensor, normalisation: str = "zscore", weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """One score per image from several rewards: the weighted mean of their normalised scores.
-
-    scores: (n, B) raw scores of n rewards on B images. normalisation: "zscore" or "minmax" (per reward, over B).
-    weights: (n,) non-negative reward weights (default equal). Returns (B,).
-    """
-    if normalisation not in NORMALISATIONS:
-        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}.")
-    scores = torch.as_tensor(scores).float()
-    if scores.ndim != 2:
-        raise ValueError(f"combined_score takes scores of shape (n_rewards, B), got {tuple(scores.shape)}.")
-    normalised = zscore_normalise(scores) if normalisation == "zscore" else minmax_normalise(scores)
-    if weights is None:
-        return normalised.mean(dim=0)
-    weights = torch.as_tensor(weights, dtype=normalised.dtype, device=normalised.device)
-    if weights.shape != (scores.shape[0],) or (weights < 0).any() or weights.sum() <= 0:
-        raise ValueError(
-            f"weights must be {scores.shape[0]} non-negative numbers (one per reward) with a positive sum, got "
-            f"{weights.tolist()}."
-        )
-    return (weights[:, None] * normalised).sum(dim=0) / weights.sum()

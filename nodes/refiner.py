@@ -22,14 +22,13 @@ from comfy_api.latest import io
 import comfy.samplers
 
 from ..core.masks import MaskSettings
-from ..core.refine_plan import DEFAULT_MASK, ImagePlan, RefinerSettings, plan_refinement
+from ..core.refine_plan import DEFAULT_MASK, ImagePlan, RefinerSettings, plan_refinement, stage_runs
 from .comfy_io import check_images, check_mask, match_batches, pad_to_multiple
 from .quality_maps import QualityClip, QualityPrompts, compute_quality_maps
 from .sampling import (
     DEFAULT_PIXELS_PER_LATENT,
     MASK_MODES,
     StageProgress,
-    check_conditioning,
     check_latent,
     check_model_channels,
     check_plans,
@@ -45,6 +44,7 @@ logger = logging.getLogger(__name__)
 CATEGORY = "Refinery/refine"
 Plan = io.Custom("REFINERY_PLAN")
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
+DEFAULTS = RefinerSettings()
 
 
 # -- shared schema pieces ------------------------------------------------------------------------------------------
@@ -72,14 +72,16 @@ def _plan_knobs() -> list:
                      "stage 2 no step."),
         io.Float.Input("stage1_share", default=0.5, min=0.0, max=1.0, step=0.05,
                        tooltip="Fraction of total_steps run by stage 1 (each stage gets at least 1 when possible)."),
-        io.Float.Input("perceptual_gate", default=0.9, min=0.0, max=1.01, step=0.01,
+        io.Float.Input("perceptual_gate", default=DEFAULTS.perceptual_gate, min=0.0, max=1.01, step=0.01,
                        tooltip="An image with p >= perceptual_gate and a >= alignment_gate is good enough: no stage "
-                       "1. Above 1 = never gate. Lower = more images pass untouched."),
-        io.Float.Input("alignment_gate", default=0.3, min=-1.0, max=1.01, step=0.01,
-                       tooltip="Gate on a (a CLIP cosine times penalties, typically 0.1-0.4). Above 1 = never gate."),
-        io.Boolean.Input("gated_untouched", default=True,
-                         tooltip="Images that pass both gates also skip stage 2 and come back bit-identical. Off: "
-                         "they still get the light stage 2."),
+                       "1. Above 1 = never gate. Lower = more images skip stage 1."),
+        io.Float.Input("alignment_gate", default=DEFAULTS.alignment_gate, min=-1.0, max=1.01, step=0.01,
+                       tooltip="Gate on a, the AQ-Map's alignment probability in [0, 1] (0.5 = the prompt fits the "
+                       "image no better than an empty prompt). Above 1 = never gate. An image whose prompt has nothing "
+                       "to align (empty or no noun) is gated on p alone."),
+        io.Boolean.Input("gated_untouched", default=DEFAULTS.skip_stage2_when_gated,
+                         tooltip="On: images that pass both gates also skip stage 2 and come back bit-identical. Off "
+                         "(default, as in the paper): they skip stage 1 and still get the light stage 2."),
     ]
 
 
@@ -109,6 +111,18 @@ def _sampling_inputs() -> list:
     ]
 
 
+def _prompt_inputs() -> list:
+    """The stage nodes' prompt sockets: the plan's per-image emphasized prompts through a CLIP, or one conditioning."""
+    return [
+        io.Clip.Input("clip", optional=True,
+                      tooltip="Encodes each image's plan prompt (the AQ-Map's emphasized prompt, eq. 7) as "
+                      "CLIPTextEncode would. Used when positive is not connected."),
+        io.Conditioning.Input("positive", optional=True,
+                              tooltip="One conditioning for every image; overrides the plan's per-image emphasized "
+                              "prompts. Leave it unconnected and connect clip to use them."),
+    ]
+
+
 def _mask_mode_input() -> io.Combo.Input:
     return io.Combo.Input(
         "mask_mode", options=list(MASK_MODES), default="binary", optional=True,
@@ -124,13 +138,14 @@ def plan_summary(plans: list[ImagePlan], perceptual_scores, alignment_scores) ->
     for index, plan in enumerate(plans):
         head = f"image {index}: {plan.reason} (p {float(perceptual_scores[index]):.3f}, " \
                f"a {float(alignment_scores[index]):.3f})"
-        if plan.skip_stage1 and plan.skip_stage2:
+        first_runs, second_runs = stage_runs(plan, 1), stage_runs(plan, 2)
+        if not (first_runs or second_runs):
             lines.append(f"{head} | untouched")
             continue
         area = 100.0 * float(plan.binary_mask.float().mean())
-        first = "stage 1: skipped" if plan.skip_stage1 else \
+        first = "stage 1: skipped" if not first_runs else \
             f"stage 1: strength {plan.stage1_strength:.3f}, {plan.stage1_steps} steps on {area:.1f}% of the pixels"
-        second = "stage 2: skipped" if plan.skip_stage2 or plan.stage2_steps < 1 or plan.stage2_strength <= 0 else \
+        second = "stage 2: skipped" if not second_runs else \
             f"stage 2: strength {plan.stage2_strength:.3f}, {plan.stage2_steps} steps"
         lines.append(f"{head} | {first} | {second} | prompt: {plan.prompt!r}")
     return "\n".join(lines)
@@ -177,7 +192,8 @@ class RefinePlan(io.ComfyNode):
             category=CATEGORY,
             description="Decides, per image, what the two-stage refiner does: the stage-1 mask Bi(1-P+A), stage-1 "
             "strength from the scores p and a (lower quality, stronger), the steps of each stage, and whether the "
-            "image passes the quality gate untouched. Takes the per-image score lists of the map nodes as they are.",
+            "image passes the quality gate (no stage 1; with gated_untouched, no stage 2 either). Takes the per-image "
+            "score lists of the map nodes as they are.",
             is_input_list=True,
             is_experimental=True,
             inputs=[
@@ -186,8 +202,10 @@ class RefinePlan(io.ComfyNode):
                                tooltip="p per image: connect the PQ-Map node's score list, or type one value for "
                                "every image. Lower = stronger stage 1."),
                 io.Mask.Input("alignment_map", tooltip="A from the AQ-Map node (1 = must change)."),
-                io.Float.Input("alignment_score", default=0.3, min=-1.0, max=1.0, step=0.001,
-                               tooltip="a per image: connect the AQ-Map node's score list, or one value for all."),
+                io.Float.Input("alignment_score", default=1.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="a per image, a probability in [0, 1]: connect the AQ-Map node's score list, or "
+                               "one value for all. 1 with an empty or noun-less prompt (the defaults) = no alignment "
+                               "term: the stage-1 strength follows p alone."),
                 io.String.Input("prompt", multiline=True, default="",
                                 tooltip="The prompt for both stages: connect the AQ-Map node's emphasized prompts "
                                 "(one per image) or type one. Only carried in the plan and its summary."),
@@ -233,7 +251,7 @@ class MaskedRedenoise(io.ComfyNode):
             is_experimental=True,
             inputs=[
                 io.Model.Input("model", tooltip="Any ComfyUI model (an inpainting checkpoint suits stage 1)."),
-                io.Conditioning.Input("positive", tooltip="One conditioning for every image."),
+                *_prompt_inputs(),
                 io.Conditioning.Input("negative", tooltip="Negative conditioning for every image (e.g. "
                                       "CLIPTextEncode of an empty prompt, or what to avoid)."),
                 io.Latent.Input("latent", tooltip="VAEEncode of the images the plan was made from."),
@@ -248,14 +266,15 @@ class MaskedRedenoise(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, latent: dict, plan: list, seed: int, sampler_name: str,
-                scheduler: str, cfg: float, pixels_per_latent: int, mask_mode: str = "binary") -> io.NodeOutput:
+    def execute(cls, model, negative, latent: dict, plan: list, seed: int, sampler_name: str, scheduler: str,
+                cfg: float, pixels_per_latent: int, mask_mode: str = "binary", positive=None,
+                clip=None) -> io.NodeOutput:
         samples = check_latent(latent, model)
         plans = check_plans(plan, samples.shape[0])
-        conditioning = (check_conditioning(positive, "positive"), check_conditioning(negative, "negative"))
+        conditioning_for = plan_conditioning(clip, positive, negative)
         masks = stage_masks(plans, tuple(samples.shape[-2:]), pixels_per_latent, mask_mode)
         progress = StageProgress(planned_steps(plans, 1, masks))
-        refined = run_stage(model, lambda _prompt: conditioning, samples, plans, 1, seed, sampler_name, scheduler,
+        refined = run_stage(model, conditioning_for, samples, plans, 1, seed, sampler_name, scheduler,
                             cfg, progress, masks, latent.get("batch_index"), soft_mask=mask_mode == "soft")
         return io.NodeOutput({**latent, "samples": refined})
 
@@ -273,7 +292,7 @@ class GlobalRedenoise(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="Any ComfyUI model; usually the base model (stage 2 lightly "
                                "re-denoises the whole image, no inpainting needed)."),
-                io.Conditioning.Input("positive", tooltip="One conditioning for every image."),
+                *_prompt_inputs(),
                 io.Conditioning.Input("negative", tooltip="Negative conditioning for every image (e.g. "
                                       "CLIPTextEncode of an empty prompt, or what to avoid)."),
                 io.Latent.Input("latent", tooltip="Usually the Masked Re-denoise output."),
@@ -285,13 +304,13 @@ class GlobalRedenoise(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, latent: dict, plan: list, seed: int, sampler_name: str,
-                scheduler: str, cfg: float) -> io.NodeOutput:
+    def execute(cls, model, negative, latent: dict, plan: list, seed: int, sampler_name: str, scheduler: str,
+                cfg: float, positive=None, clip=None) -> io.NodeOutput:
         samples = check_latent(latent, model)
         plans = check_plans(plan, samples.shape[0])
-        conditioning = (check_conditioning(positive, "positive"), check_conditioning(negative, "negative"))
+        conditioning_for = plan_conditioning(clip, positive, negative)
         progress = StageProgress(planned_steps(plans, 2))
-        refined = run_stage(model, lambda _prompt: conditioning, samples, plans, 2, seed, sampler_name, scheduler,
+        refined = run_stage(model, conditioning_for, samples, plans, 2, seed, sampler_name, scheduler,
                             cfg, progress, None, latent.get("batch_index"))
         return io.NodeOutput({**latent, "samples": refined})
 
@@ -305,10 +324,11 @@ class GRefine(io.ComfyNode):
             category=CATEGORY,
             description="The whole G-Refine refiner: quality maps (PQ-Map, AQ-Map at their default knobs), plan, "
             "stage 1 (masked re-denoise, emphasized prompt) and stage 2 (light global re-denoise) with ComfyUI's "
-            "sampler, decode. Images that pass the quality gate come back bit-identical. Any picture size works: "
-            "pictures whose sides are not multiples of the VAE factor (8) are padded (mirrored, or the edge "
-            "repeated on sides too small to mirror) for sampling and cropped back, so every output has the "
-            "picture's own size. Stage 1 samples with seed, stage 2 with seed + 1.",
+            "sampler, decode. Images that pass the quality gate skip stage 1 and get only the light stage 2 (with "
+            "gated_untouched on they come back bit-identical). Any picture size works: pictures whose sides are not "
+            "multiples of the VAE factor (8) are padded (mirrored, or the edge repeated on sides too small to "
+            "mirror) for sampling and cropped back, so every output has the picture's own size. Stage 1 samples with "
+            "seed, stage 2 with seed + 1.",
             is_experimental=True,
             inputs=[
                 io.Model.Input("model", tooltip="The model of stage 2 (and of stage 1 unless stage1_model is set)."),
@@ -339,7 +359,7 @@ class GRefine(io.ComfyNode):
             ],
             outputs=[
                 io.Image.Output("refined_image", tooltip="The pictures at their own size; those that pass the "
-                                "quality gate are bit-identical to the input."),
+                                "quality gate get only stage 2 (bit-identical to the input with gated_untouched on)."),
                 io.Mask.Output("binary_mask", tooltip="Stage-1 mask per image (all-zero where stage 1 was skipped)."),
                 io.String.Output("summary", tooltip="The plan, one line per image."),
                 Plan.Output("plan", tooltip="Per-image plan (masks at the picture's size), e.g. for the re-denoise "

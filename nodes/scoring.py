@@ -20,7 +20,7 @@ from comfy_api.latest import io
 import folder_paths
 
 from ..core.clip_surgery import AUTO_ARCHITECTURE
-from ..core.reward_aggregation import rank_order, select_best, syn_pic_win_rates
+from ..core.reward_aggregation import rank_order, ranks, select_best, syn_pic_win_rates
 from ..core.rewards import REWARD_KINDS, RewardModel, detect_reward_kind, load_reward_model
 from .comfy_io import (
     REWARD_MODELS_FOLDER,
@@ -258,9 +258,7 @@ class RankImages(io.ComfyNode):
         scores = score_batch(reward, images, prompts)
         order = rank_order(scores)
         best = select_best(scores, k)
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(1, len(order) + 1)
-        table = score_table([reward.name], scores[None], prompts, {"rank": rank.float()})
+        table = score_table([reward.name], scores[None], prompts, {"rank": ranks(scores).float()})
         indices = ", ".join(str(int(i)) for i in order)
         return io.NodeOutput(image[order], image[best], indices, table, ui={"text": [table]})
 

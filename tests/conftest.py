@@ -1,7 +1,8 @@
 """Shared fixtures. The ``comfyui`` ones run the pack inside a real ComfyUI 0.8 (see ``comfyui_harness.py``).
 
 ComfyUI is found through ``$COMFYUI_DIR``, or as the ComfyUI whose ``custom_nodes/`` holds this pack. Without it the
-``comfyui`` tests skip, except under CI (``$CI`` set), where they fail: CI must run them.
+``comfyui`` tests skip, except under CI (``$CI`` set), where they fail: CI must run them (``ci.py``: nothing skips
+under CI).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
+from ci import NEEDS_MARK, apply_needs_marks, skip_or_fail
 from comfyui_harness import ComfyHarness, find_comfyui
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
@@ -24,8 +27,22 @@ OTHER_VIT_CONFIG = {  # a different tiny tower; its JSON beside the checkpoint s
 }
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", NEEDS_MARK)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    apply_needs_marks(item)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (the suite shares a 2-core machine); use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")`` or as an argument."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -40,9 +57,7 @@ def comfyui_dir() -> Path:
             else "ComfyUI not found: set COMFYUI_DIR to a ComfyUI 0.8 checkout (its root, with main.py and comfy/), "
             "or put this pack in its custom_nodes/ folder"
         )
-        if _in_ci():
-            pytest.fail(f"{reason}. CI must run the ComfyUI integration tests.", pytrace=False)
-        pytest.skip(reason)
+        skip_or_fail(reason)
     return found
 
 

@@ -139,16 +139,24 @@ def test_generated_workflow_keeps_each_latent_outside_its_own_mask(comfy_server)
     assert "on 50.0% of the pixels" in summary and "on 37.5% of the pixels" in summary
 
 
-def test_image_workflow_returns_a_picture_that_passes_the_gate_untouched(comfy_server):
-    graph = load_workflow("refine_image_api", perceptual_gate=0.0, alignment_gate=-1.0)
+@pytest.mark.parametrize("gated_untouched", [True, False])
+def test_image_workflow_treats_a_picture_that_passes_the_gate_as_asked(comfy_server, gated_untouched):
+    """gated_untouched on: the gated picture comes back bit-identical; off (the shipped default, as in the paper):
+    it skips stage 1 and gets only the light stage 2."""
+    graph = load_workflow("refine_image_api", perceptual_gate=0.0, alignment_gate=-1.0, gated_untouched=gated_untouched)
     run = comfy_server.run(graph)
     assert run.success, run.error_text()
     save = next(node_id for node_id, node in graph.items() if node["inputs"].get("filename_prefix") == "refinery/refined")
     (entry,) = run.outputs[save]["images"]
     original = np.asarray(Image.open(comfy_server.input_dir / "picture.png").convert("RGB"))
-    assert np.array_equal(pixels(comfy_server.download(entry)), original)
     summary = run.outputs[node_of(graph, "PreviewAny")]["text"][0]
-    assert "passed the quality gate" in summary and "untouched" in summary
+    assert "passed the quality gate" in summary
+    if gated_untouched:
+        assert np.array_equal(pixels(comfy_server.download(entry)), original)
+        assert "untouched" in summary
+    else:
+        assert not np.array_equal(pixels(comfy_server.download(entry)), original)
+        assert "stage 1: skipped | stage 2: strength" in summary
 
 
 def test_server_rejects_bad_prompts_clearly_and_keeps_serving(comfy_server):

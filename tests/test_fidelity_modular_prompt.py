@@ -110,8 +110,6 @@ def test_stage_samples_each_image_with_its_plans_emphasized_prompt(sampling, mod
 STAGE_NODES = ("RefineryMaskedRedenoise", "RefineryGlobalRedenoise")
 
 
-@pytest.mark.xfail(strict=True, reason="the stage nodes of nodes/refiner.py do not take an optional 'clip' "
-                   "input yet (issue 20, 'Fidelity first'); remove this marker when they do")
 @pytest.mark.parametrize("node_id", STAGE_NODES)
 def test_stage_nodes_encode_the_plans_prompt_with_a_connected_clip(comfy_harness, models, node_id):
     model, clip, vae = models

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 from comfyui_refinery.core.reward_aggregation import (
-    combined_score,
-    minmax_normalise,
     rank_order,
     ranks,
     select_best,
     syn_pic_win_rates,
-    zscore_normalise,
 )
 
 # 3 images of one prompt, 2 rewards, written out by hand:
@@ -80,28 +76,3 @@ def test_select_best_by_hand():
         select_best(torch.tensor([0.2, 0.9, 0.5]), 4)
     with pytest.raises(ValueError, match="between 1 and 3"):
         select_best(torch.tensor([0.2, 0.9, 0.5]), 0)
-
-
-def test_zscore_and_minmax_per_reward_by_hand():
-    scores = torch.tensor([[1.0, 2.0, 3.0], [10.0, 10.0, 10.0]])  # (n=2 rewards, B=3 images)
-    z = 1 / math.sqrt(2 / 3)  # population std of (1, 2, 3) is sqrt(2/3)
-    torch.testing.assert_close(zscore_normalise(scores), torch.tensor([[-z, 0.0, z], [0.0, 0.0, 0.0]]))
-    torch.testing.assert_close(minmax_normalise(scores), torch.tensor([[0.0, 0.5, 1.0], [0.5, 0.5, 0.5]]))
-    # scale and shift of a reward do not change its normalised scores
-    torch.testing.assert_close(zscore_normalise(scores[0] * 7 + 3), zscore_normalise(scores[0]))
-
-
-def test_combined_score_by_hand():
-    scores = torch.tensor([[1.0, 2.0, 3.0], [30.0, 10.0, 20.0]])
-    z = 1 / math.sqrt(2 / 3)
-    # z-scores: reward 1 (-z, 0, z), reward 2 (z, -z, 0); equal weights -> mean
-    torch.testing.assert_close(combined_score(scores), torch.tensor([0.0, -z / 2, z / 2]))
-    # min-max: (0, .5, 1) and (1, 0, .5); weights 3:1
-    torch.testing.assert_close(
-        combined_score(scores, "minmax", weights=torch.tensor([3.0, 1.0])),
-        torch.tensor([(0 + 1) / 4, (1.5 + 0) / 4, (3 + 0.5) / 4]),
-    )
-    with pytest.raises(ValueError, match="non-negative"):
-        combined_score(scores, weights=torch.tensor([1.0, -1.0]))
-    with pytest.raises(ValueError, match="normalisation"):
-        combined_score(scores, "rank")
