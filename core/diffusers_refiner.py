@@ -36,22 +36,28 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .keep_better import GuardDecision, GuardScores, GuardSettings, choose_attempts, guard_table
 from .prompt_parsing import strip_emphasis
 from .refine_plan import ImagePlan, stage_runs
 
 
 @dataclass(frozen=True)
 class DiffusersRefinement:
-    """images: (B, H, W, 3) float in [0, 1], the refined pictures; after_stage1: the same after stage 1 only."""
+    """images: (B, H, W, 3) float in [0, 1], the refined pictures (the input where the guard kept it);
+    after_stage1: the same after stage 1 only (of the attempt returned); decision: the keep-better guard's per-picture
+    decision and table: its Markdown table (None and "" without a guard)."""
 
     images: torch.Tensor
     after_stage1: torch.Tensor
+    decision: GuardDecision | None = None
+    table: str = ""
 
 
 def scheduler_steps(planned_steps: int, strength: float) -> int:
@@ -61,15 +67,17 @@ def scheduler_steps(planned_steps: int, strength: float) -> int:
     return max(planned_steps, math.ceil(planned_steps / strength - 1e-9))
 
 
-def stage_seed(seed: int, stage: int, index: int) -> int:
-    """The generator seed of picture ``index`` in stage ``stage`` (1 or 2) of a run seeded ``seed``: 64 bits drawn
-    from ``numpy.random.SeedSequence([seed, stage, index])``, distinct for every (seed, stage, index) in practice and
-    the same on every machine. seed, index >= 0."""
+def stage_seed(seed: int, stage: int, index: int, attempt: int = 0) -> int:
+    """The generator seed of picture ``index`` in stage ``stage`` (1 or 2) of attempt ``attempt`` of a run seeded
+    ``seed``: 64 bits drawn from ``numpy.random.SeedSequence([seed, stage, index])`` (attempt 0) or
+    ``[seed, stage, index, attempt]`` (the keep-better guard's further attempts), distinct for every tuple in practice
+    and the same on every machine. seed, index, attempt >= 0."""
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}.")
-    if seed < 0 or index < 0:
-        raise ValueError(f"seed and index must be >= 0, got seed {seed}, index {index}.")
-    return int(np.random.SeedSequence([int(seed), stage, int(index)]).generate_state(1, dtype=np.uint64)[0])
+    if seed < 0 or index < 0 or attempt < 0:
+        raise ValueError(f"seed, index and attempt must be >= 0, got seed {seed}, index {index}, attempt {attempt}.")
+    entropy = [int(seed), stage, int(index)] + ([int(attempt)] if attempt else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
 
 
 def latent_cover_mask(mask: torch.Tensor, pixels_per_latent: int) -> torch.Tensor:
@@ -121,6 +129,9 @@ def refine_with_pipeline(
     stage1_pipeline=None,
     stage2_pipeline=None,
     progress: bool = True,
+    guard: Callable[[torch.Tensor], GuardScores] | None = None,
+    guard_settings: GuardSettings = GuardSettings(),
+    attempts: int = 1,
 ) -> DiffusersRefinement:
     """Refine each picture by its plan (eq. 10: stage 1 on the mask, then stage 2 on the whole picture).
 
@@ -130,9 +141,16 @@ def refine_with_pipeline(
     checkpoint for stage 1; a stage-2 pipeline that takes ``mask_image`` gets an all-ones mask).
     Each stage runs by ``stage_runs`` (core/refine_plan.py); a picture neither stage runs for is returned
     bit-identical, and ``after_stage1`` is the input wherever stage 1 did not run.
-    """
-    from tqdm.auto import tqdm
 
+    guard: the keep-better guard's scorer (core/keep_better.py), pictures (B, H, W, 3) in [0, 1] -> GuardScores (p,
+    a and optionally a reward, e.g. from ``core.quality_maps``): the refinement is run ``attempts`` times (attempt k
+    seeded ``stage_seed(seed, n, i, k)``) and each picture gets its best attempt that scores better by
+    ``guard_settings``, or its input bit-identical. Without a guard ``attempts`` must be 1.
+    """
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        raise ValueError(f"attempts must be a whole number >= 1, got {attempts!r}.")
+    if guard is None and attempts != 1:
+        raise ValueError(f"attempts is {attempts} but no guard scores them: pass a guard or use attempts=1.")
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be (B, H, W, 3) in [0, 1], got {tuple(images.shape)}.")
     if len(plans) != images.shape[0]:
@@ -143,11 +161,34 @@ def refine_with_pipeline(
                 f"The mask of picture {index} is {tuple(plan.binary_mask.shape)} but the picture is "
                 f"{tuple(images.shape[1:3])}: compute the maps on the pictures being refined."
             )
-    inpaint, img2img = _stage_pipelines(pipeline, stage1_pipeline, stage2_pipeline)
+    stages = _stage_pipelines(pipeline, stage1_pipeline, stage2_pipeline)
+    runs = [_refine_once(stages, images, plans, negative_prompt, guidance_scale, seed, attempt, progress)
+            for attempt in range(attempts)]
+    if guard is None:
+        return runs[0]
+    before = guard(images)
+    after = [guard(run.images) for run in runs]
+    decision = choose_attempts(before, after, guard_settings)
+    refined, after_stage1 = images.clone(), images.clone()
+    for index in range(images.shape[0]):
+        if decision.keep[index]:
+            kept = runs[int(decision.attempt[index])]
+            refined[index], after_stage1[index] = kept.images[index], kept.after_stage1[index]
+    return DiffusersRefinement(images=refined, after_stage1=after_stage1, decision=decision,
+                               table=guard_table(before, after, decision))
+
+
+def _refine_once(stages, images: torch.Tensor, plans: list[ImagePlan], negative_prompt: str | None,
+                 guidance_scale: float, seed: int, attempt: int, progress: bool) -> DiffusersRefinement:
+    """One attempt of eq. 10 over the pictures (see :func:`refine_with_pipeline`)."""
+    from tqdm.auto import tqdm
+
+    inpaint, img2img = stages
     stage2_masked = _takes_mask(img2img)
     pixels_per_latent = int(getattr(inpaint, "vae_scale_factor", 8))
     after_stage1, refined = images.clone(), images.clone()
-    for index in tqdm(range(images.shape[0]), desc="G-Refine", disable=not progress):
+    description = "G-Refine" if attempt == 0 else f"G-Refine attempt {attempt + 1}"
+    for index in tqdm(range(images.shape[0]), desc=description, disable=not progress):
         plan = plans[index]
         first, second = stage_runs(plan, 1), stage_runs(plan, 2)
         if not (first or second):
@@ -165,7 +206,7 @@ def refine_with_pipeline(
                 strength=plan.stage1_strength,
                 num_inference_steps=scheduler_steps(plan.stage1_steps, plan.stage1_strength),
                 guidance_scale=guidance_scale,
-                generator=torch.Generator().manual_seed(stage_seed(seed, 1, index)),
+                generator=torch.Generator().manual_seed(stage_seed(seed, 1, index, attempt)),
                 height=images.shape[1],
                 width=images.shape[2],
                 output_type="pt",
@@ -186,7 +227,7 @@ def refine_with_pipeline(
                 strength=plan.stage2_strength,
                 num_inference_steps=scheduler_steps(plan.stage2_steps, plan.stage2_strength),
                 guidance_scale=guidance_scale,
-                generator=torch.Generator().manual_seed(stage_seed(seed, 2, index)),
+                generator=torch.Generator().manual_seed(stage_seed(seed, 2, index, attempt)),
                 output_type="pt",
             ).images.float().cpu()
         refined[index] = current[0].permute(1, 2, 0).clamp(0, 1)
