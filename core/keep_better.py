@@ -130,3 +130,17 @@ def guard_table(before: GuardScores, after: list[GuardScores], decision: GuardDe
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
+
+
+def attempt_seed(seed: int, attempt: int, seed_max: int = 0xFFFFFFFFFFFFFFFF) -> int:
+    """The sampler seed of attempt ``attempt`` (0-based) of a refinement seeded ``seed``: ``seed`` itself for the
+    first attempt (so one attempt samples exactly as without the guard), then 64 bits from
+    ``numpy.random.SeedSequence([seed, attempt])`` folded into [0, seed_max]. seed, attempt >= 0."""
+    if seed < 0 or attempt < 0:
+        raise ValueError(f"seed and attempt must be >= 0, got seed {seed}, attempt {attempt}.")
+    if attempt == 0:
+        return int(seed)
+    import numpy as np
+
+    drawn = int(np.random.SeedSequence([int(seed), int(attempt)]).generate_state(1, dtype=np.uint64)[0])
+    return drawn % (int(seed_max) + 1)

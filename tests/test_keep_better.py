@@ -73,3 +73,12 @@ def test_errors_are_clear():
         choose_attempts(scores([0.5], [0.5]), [], GuardSettings())
     with pytest.raises(ValueError, match="reward, or neither"):
         score_gain(scores([0.5], [0.5], [1.0]), scores([0.5], [0.5]))
+
+
+def test_attempt_seeds_start_at_the_seed_and_differ_after():
+    from comfyui_refinery.core.keep_better import attempt_seed
+
+    assert attempt_seed(42, 0) == 42
+    seeds = {attempt_seed(42, attempt) for attempt in range(1, 6)}
+    assert len(seeds) == 5 and 42 not in seeds and all(0 <= s <= 0xFFFFFFFFFFFFFFFF for s in seeds)
+    assert attempt_seed(42, 3) == attempt_seed(42, 3) and attempt_seed(7, 3, seed_max=9) <= 9
