@@ -74,7 +74,8 @@ class RegionCrop:
 
 def split_regions(binary_mask: torch.Tensor, settings: DetailerSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """The binary mask's regions split by size: (small, large), each (H, W) float in {0, 1}, small + large = mask.
-    A region is small when its bounding box covers less than ``max_region_fraction`` of the picture."""
+    A region is small when its bounding box covers less than ``max_region_fraction`` of the picture (1 = every
+    region)."""
     mask = binary_mask.detach().cpu().numpy() > 0.5
     labels, count = ndi.label(mask, structure=EIGHT_CONNECTED)
     small = np.zeros_like(mask)
@@ -82,7 +83,7 @@ def split_regions(binary_mask: torch.Tensor, settings: DetailerSettings) -> tupl
     for index, found in enumerate(ndi.find_objects(labels), start=1):
         rows, columns = found
         box_area = (rows.stop - rows.start) * (columns.stop - columns.start)
-        if box_area < settings.max_region_fraction * picture_area:
+        if settings.max_region_fraction >= 1.0 or box_area < settings.max_region_fraction * picture_area:
             small |= labels == index
     small_mask = torch.from_numpy(small).float()
     return small_mask, binary_mask.detach().cpu().float() * (1 - small_mask)

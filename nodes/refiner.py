@@ -21,9 +21,24 @@ from comfy_api.latest import io
 
 import comfy.samplers
 
+from ..core.detailer import DetailerSettings
+from ..core.keep_better import GuardScores, GuardSettings, attempt_seed
 from ..core.masks import MaskSettings
-from ..core.refine_plan import DEFAULT_MASK, ImagePlan, RefinerSettings, plan_refinement, stage_runs
+from ..core.refine_plan import (
+    DEFAULT_MASK,
+    ImagePlan,
+    RefinerSettings,
+    plan_refinement,
+    stage_runs,
+)
 from .comfy_io import check_images, check_mask, match_batches, pad_to_multiple
+from .detailer import (
+    AUTO_RESOLUTION,
+    detail_small_regions,
+    native_resolution,
+    plan_detailer,
+)
+from .keep_better import DEFAULT_GUARD, MAX_ATTEMPTS, guard_knobs, guard_scores, guarded
 from .quality_maps import QualityClip, QualityPrompts, compute_quality_maps
 from .sampling import (
     DEFAULT_PIXELS_PER_LATENT,
@@ -38,6 +53,7 @@ from .sampling import (
     sampled_images,
     stage_masks,
 )
+from .scoring import score_batch
 
 logger = logging.getLogger(__name__)
 
@@ -328,7 +344,8 @@ class GRefine(io.ComfyNode):
             "gated_untouched on they come back bit-identical). Any picture size works: pictures whose sides are not "
             "multiples of the VAE factor (8) are padded (mirrored, or the edge repeated on sides too small to "
             "mirror) for sampling and cropped back, so every output has the picture's own size. Stage 1 samples with "
-            "seed, stage 2 with seed + 1.",
+            "seed, stage 2 with seed + 1. The keep-better guard (on by default) scores each refined picture again "
+            "and returns the input bit-identical unless the refinement scored better.",
             is_experimental=True,
             inputs=[
                 io.Model.Input("model", tooltip="The model of stage 2 (and of stage 1 unless stage1_model is set)."),
@@ -356,22 +373,39 @@ class GRefine(io.ComfyNode):
                                       tooltip="A negative CONDITIONING; when connected it replaces negative_prompt."),
                 io.Model.Input("stage1_model", optional=True,
                                tooltip="Another model for stage 1, e.g. an inpainting checkpoint of the same family."),
+                *guard_knobs(with_switch=True),
+                io.Float.Input("detailer_max_region", default=0.0, min=0.0, max=1.0, step=0.005, optional=True,
+                               tooltip="Detailer mode: a stage-1 region whose bounding box covers less than this share "
+                               "of the picture (e.g. 0.05) is cropped with context, upscaled to the model's native "
+                               "resolution, re-denoised there and pasted back; larger regions are re-denoised in "
+                               "place. 0 = off. Each small region costs one sampling at native resolution."),
+                io.Int.Input("detailer_resolution", default=AUTO_RESOLUTION, min=0, max=4096, step=8, optional=True,
+                             tooltip="The crop's longer side after upscaling. 0 = the model's native size (512 for "
+                             "SD1.x/SD2, 1024 for SDXL-class models)."),
             ],
             outputs=[
-                io.Image.Output("refined_image", tooltip="The pictures at their own size; those that pass the "
-                                "quality gate get only stage 2 (bit-identical to the input with gated_untouched on)."),
+                io.Image.Output("refined_image", tooltip="The pictures at their own size; with keep_better on, a "
+                                "picture that did not score better is the input bit-identical."),
                 io.Mask.Output("binary_mask", tooltip="Stage-1 mask per image (all-zero where stage 1 was skipped)."),
                 io.String.Output("summary", tooltip="The plan, one line per image."),
                 Plan.Output("plan", tooltip="Per-image plan (masks at the picture's size), e.g. for the re-denoise "
                             "nodes."),
+                io.Float.Output("gain", tooltip="Per picture, the keep-better guard's gain of the attempt reported "
+                                "(0 with the guard off); the summary holds the guard's table.", is_output_list=True),
             ],
         )
 
     @classmethod
     def execute(cls, model, clip, vae, image, quality_clip, prompt: str, negative_prompt: str, seed: int,
                 sampler_name: str, scheduler: str, cfg: float, emphasis: float, mask_mode: str = "binary",
-                quality_prompts=None, positive=None, negative=None, stage1_model=None, **knobs) -> io.NodeOutput:
+                quality_prompts=None, positive=None, negative=None, stage1_model=None, keep_better: bool = True,
+                attempts: int = 1, margin: float = DEFAULT_GUARD.margin, tolerance: float = DEFAULT_GUARD.tolerance,
+                reward_weight: float = DEFAULT_GUARD.reward_weight, reward=None, detailer_max_region: float = 0.0,
+                detailer_resolution: int = AUTO_RESOLUTION, **knobs) -> io.NodeOutput:
         settings = _settings(**knobs)
+        guard = GuardSettings(margin=margin, tolerance=tolerance, reward_weight=reward_weight)
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= MAX_ATTEMPTS:
+            raise ValueError(f"attempts must be a whole number from 1 to {MAX_ATTEMPTS}, got {attempts!r}.")
         images = check_images(image)
         height, width = images.shape[1], images.shape[2]
         factor = vae.spacial_compression_encode()
@@ -389,24 +423,59 @@ class GRefine(io.ComfyNode):
         plans = plan_refinement(perceptual, p, alignment, a, emphasized, settings)
         summary = plan_summary(plans, p, a)
 
-        padded_plans = [_padded_plan(plan, factor) for plan in plans]  # masks (H, W) -> (H', W')
+        detailer = None
+        if detailer_max_region > 0:
+            detailer = plan_detailer(plans, DetailerSettings(
+                max_region_fraction=detailer_max_region, multiple=factor,
+                native_resolution=native_resolution(stage1_model, detailer_resolution)))
+            summary = "\n".join([summary] + [f"image {index}: detailer: {len(crops)} small region(s) re-denoised in "
+                                             f"crops" for index, crops in enumerate(detailer.crops) if crops])
+        inplace_plans = detailer.inplace_plans if detailer is not None else plans
+        padded_plans = [_padded_plan(plan, factor) for plan in inplace_plans]  # masks (H, W) -> (H', W')
         latent_size = (-(-height // factor), -(-width // factor))
         masks = stage_masks(padded_plans, latent_size, factor, mask_mode)
         sampled = sampled_images(padded_plans, masks)
-        refined = images.clone()  # images nothing is sampled for keep their exact input pixels
-        if sampled:
-            progress = StageProgress(planned_steps(padded_plans, 1, masks) + planned_steps(padded_plans, 2))
-            padded = pad_to_multiple(images, factor)  # (B, H, W, 3) -> (B, H', W', 3)
-            samples = vae.encode(padded)  # (B, H', W', 3) -> (B, C, H'/8, W'/8)
-            stage1 = run_stage(stage1_model, conditioning_for, samples, padded_plans, 1, seed, sampler_name,
-                               scheduler, cfg, progress, masks, soft_mask=mask_mode == "soft")
-            stage2 = run_stage(model, conditioning_for, stage1, padded_plans, 2, (seed + 1) % (SEED_MAX + 1),
-                               sampler_name, scheduler, cfg, progress)
-            decoded = vae.decode(stage2[sampled])  # (k, C, h, w) -> (k, H', W', 3)
-            decoded = decoded.reshape(len(sampled), *padded.shape[1:])[:, :height, :width]  # crop the padding off
-            refined[sampled] = decoded.to(refined)
+        runs = attempts if keep_better else 1
+        crop_steps = detailer.steps(plans) if detailer is not None else 0
+        progress = StageProgress(runs * (crop_steps + planned_steps(padded_plans, 1, masks)
+                                         + planned_steps(padded_plans, 2)))
+
+        def refine_once(attempt: int) -> torch.Tensor:
+            """One pass: the detailer's crops, then both stages in place (images nothing is sampled for keep their
+            exact pixels)."""
+            stage1_seed = attempt_seed(seed, attempt, SEED_MAX)
+            pictures = images
+            if detailer is not None:
+                pictures = detail_small_regions(stage1_model, vae, conditioning_for, images, plans, detailer,
+                                                stage1_seed, sampler_name, scheduler, cfg, progress)
+            refined = pictures.clone()
+            if sampled:
+                padded = pad_to_multiple(pictures, factor)  # (B, H, W, 3) -> (B, H', W', 3)
+                samples = vae.encode(padded)  # (B, H', W', 3) -> (B, C, H'/8, W'/8)
+                stage1 = run_stage(stage1_model, conditioning_for, samples, padded_plans, 1, stage1_seed,
+                                   sampler_name, scheduler, cfg, progress, masks, soft_mask=mask_mode == "soft")
+                stage2 = run_stage(model, conditioning_for, stage1, padded_plans, 2, (stage1_seed + 1) % (SEED_MAX + 1),
+                                   sampler_name, scheduler, cfg, progress)
+                decoded = vae.decode(stage2[sampled])  # (k, C, h, w) -> (k, H', W', 3)
+                decoded = decoded.reshape(len(sampled), *padded.shape[1:])[:, :height, :width]  # crop the padding
+                refined[sampled] = decoded.to(refined)
+            return refined
+
+        attempts_made = [refine_once(attempt) for attempt in range(runs)]
+        gains, table = [0.0] * images.shape[0], ""
+        if keep_better:
+            before = GuardScores(p, a, None if reward is None else
+                                 score_batch(reward, images, [prompt] * images.shape[0], progress=False))
+            refined, decision, table = guarded(
+                images, attempts_made, before,
+                lambda pictures: guard_scores(quality_clip, pictures, prompt, quality_prompts, reward, emphasis),
+                guard)
+            gains = decision.gain.tolist()
+            summary = f"{summary}\n\nkeep-better guard:\n{table}"
+        else:
+            refined = attempts_made[0]
         binary = stage1_pixel_masks(plans)
-        return io.NodeOutput(refined, binary, summary, plans, ui={"text": [summary]})
+        return io.NodeOutput(refined, binary, summary, plans, gains, ui={"text": [summary]})
 
 
 # -- G-Refine helpers (compositions of core calls, no method logic) ---------------------------------------------
