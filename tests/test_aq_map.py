@@ -1,5 +1,5 @@
-"""AQ-Map (g-refine.txt eq. 5-8): defect rules, cask penalty, emphasis, and the whole map against an
-independent computation on hand-built features; documented neutral results for empty and noun-less prompts."""
+"""AQ-Map (g-refine.txt eq. 5-8): defect rules, cask penalty, emphasis, and the whole map against a hand
+computation on features built with chosen cosines; documented neutral results for empty and noun-less prompts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from comfyui_refinery.core import aq_map, pq_map
+from comfyui_refinery.core import aq_map
 from comfyui_refinery.core.clip_surgery import ImageFeatures, load_quality_clip
 from comfyui_refinery.core.prompt_parsing import parse_prompt
 from tiny_models import build_tiny_vit
@@ -51,54 +51,76 @@ def test_emphasized_prompt_uses_comfyui_syntax():
     assert aq_map.emphasize_prompt("", ["cat"], weight=1.2) == "(cat:1.2)"
 
 
-def test_alignment_quality_against_independent_computation(encoder):
+def unit_vector_with_cosines(directions: torch.Tensor, cosines: list[float], seed: int) -> torch.Tensor:
+    """A unit vector whose cosine with ``directions[k]`` (unit rows, (K, D), linearly independent) is ``cosines[k]``:
+    the least-norm solution of ``directions @ x = cosines`` plus a random part orthogonal to every direction that
+    brings its norm to 1. Builds image features whose every eq. 5 score is known before the call."""
+    basis = directions.double()
+    target = torch.tensor(cosines, dtype=torch.float64)
+    gram = basis @ basis.T  # (K, K)
+    least_norm = basis.T @ torch.linalg.solve(gram, target)  # (D,)
+    assert least_norm.norm() < 1, "these cosines need a vector longer than 1: choose smaller ones"
+    free = torch.randn(basis.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    free = free - basis.T @ torch.linalg.solve(gram, basis @ free)  # orthogonal to every direction
+    vector = least_norm + (1 - least_norm.square().sum()).sqrt() * free / free.norm()
+    torch.testing.assert_close(basis @ vector, target)
+    return vector.float()
+
+
+def test_alignment_quality_against_hand_computation(encoder):
+    """Two pictures for "a cat wearing a blue hat", built so that every cosine is chosen (with "": 0.1; the
+    scores are sigmoid(10 x (cosine - 0.1)), numbers by hand). Picture 0: the cat, no hat; picture 1: the cat and a
+    hat that is not blue. Patches: a 1 x 2 grid, a cat on the left, a hat on the right."""
     prompt = "a cat wearing a blue hat"
-    parsed = parse_prompt(prompt)
-    phrase_texts = [p.text for p in parsed.phrases]
-    nouns = [p.noun for p in parsed.phrases]
-    text = {t: encoder.encode_text([t])[0] for t in phrase_texts + nouns + ["", parsed.text]}
-    torch.manual_seed(3)
-    # 1x2 patch grid: the left patch looks like "cat", the right like nothing; the CLS is a random direction.
-    patches = torch.stack([text["cat"], text[""]])[None, None]  # (1, 1, 2, D)
-    cls = torch.nn.functional.normalize(torch.randn(1, text[""].shape[0]), dim=-1)
-    features = ImageFeatures(cls, patches, image_size=(6, 10))
-    scale, a_bound, beta = 10.0, 0.5, 0.5  # the default temperature of eq. 5's scores and eq. 8's g (METHODS.md 1.3)
+    phrases = ["a cat", "wearing a blue hat"]  # nouns cat, hat; the hat phrase hangs from the cat (ancestor 0)
+    texts = ["", "cat", "hat", *phrases, prompt]
+    directions = encoder.encode_text(texts)  # (6, D) unit rows
+    base = 0.1  # cos(image, "")
+    #                 ""    cat         hat          a cat       wearing ... hat  prompt
+    picture_0 = [base, base + 0.1, base - 0.1, base + 0.2, base - 0.2, base + 0.1]  # hat missing
+    picture_1 = [base, base + 0.1, base + 0.15, base + 0.2, base + 0.05, base + 0.05]  # hat there, not blue
+    cat_patch = [base, base + 0.05, base - 0.05]  # cosines with "", cat, hat
+    hat_patch = [base, base - 0.05, base + 0.05]
+    cls = torch.stack([unit_vector_with_cosines(directions, picture_0, seed=0),
+                       unit_vector_with_cosines(directions, picture_1, seed=1)])  # (2, D)
+    patch_row = torch.stack([unit_vector_with_cosines(directions[:3], cat_patch, seed=2),
+                             unit_vector_with_cosines(directions[:3], hat_patch, seed=3)])  # (2, D): left, right
+    patches = patch_row[None, None].expand(2, 1, 2, -1)  # (B, gh, gw, D) = (2, 1, 2, D), the same in both pictures
+    features = ImageFeatures(cls, patches, image_size=(3, 2))  # 3 x 2 pixels: the 1 x 2 grid stretched in height
 
-    def probability(feature, t, temperature=scale):  # eq. 5: softmax over {t, ""} == sigmoid of the logit difference
-        return sigmoid(temperature * float(feature @ text[t] - feature @ text[""]))
+    beta = 0.95  # above every phrase score: each phrase lowers a (eq. 8's product, not its weakest term alone)
+    result = aq_map.alignment_quality(encoder, features, [prompt], a_bound=0.5, beta=beta, map_temperature=10.0)
 
-    phrase_scores = [probability(cls[0], t) for t in phrase_texts]
-    noun_scores = [probability(cls[0], t) for t in nouns]
-    expected_grid, map_grid_at_10 = torch.zeros(1, 1, 2), torch.zeros(1, 1, 2)
-    expected_defects = {}
-    for j, phrase in enumerate(parsed.phrases):
-        if noun_scores[j] < a_bound:
-            region, kind = phrase.ancestor, aq_map.NOUN_UNMATCHED
-        elif phrase_scores[j] < noun_scores[j]:
-            region, kind = j, aq_map.ADJECTIVE_UNMATCHED
-        else:
-            continue
-        expected_defects[phrase.text] = kind
-        for column in range(2):  # the maps keep the model's logit scale by default (map_temperature)
-            value = probability(patches[0, 0, column], nouns[region], encoder.logit_scale)
-            expected_grid[0, 0, column] = max(float(expected_grid[0, 0, column]), value)
-            value = probability(patches[0, 0, column], nouns[region], 10.0)
-            map_grid_at_10[0, 0, column] = max(float(map_grid_at_10[0, 0, column]), value)
-    # eq. 8 on the probability scale: g = sigmoid(10 * (cos(img, prompt) - cos(img, ""))), times the cask product
-    expected_score = probability(cls[0], parsed.text) * math.prod(min(s / beta, 1.0) for s in phrase_scores)
+    # eq. 5, temperature 10: picture 0: a cat 0.881, cat 0.731, wearing a blue hat 0.119, hat 0.269 (< a_bound:
+    # the hat is missing, drawn on its ancestor the cat); picture 1: hat 0.818 >= a_bound but its phrase 0.622 is
+    # lower (the adjective does not match: drawn on the hat itself).
+    rows_0, rows_1 = result.reports
+    assert [(r.phrase, r.noun, r.ancestor) for r in rows_0] == [("a cat", "cat", "a cat"),
+                                                               ("wearing a blue hat", "hat", "a cat")]
+    assert [(r.phrase_score, r.noun_score) for r in rows_0] == [
+        (pytest.approx(sigmoid(2.0), abs=1e-5), pytest.approx(sigmoid(1.0), abs=1e-5)),
+        (pytest.approx(sigmoid(-2.0), abs=1e-5), pytest.approx(sigmoid(-1.0), abs=1e-5))]
+    assert [(r.phrase_score, r.noun_score) for r in rows_1] == [
+        (pytest.approx(sigmoid(2.0), abs=1e-5), pytest.approx(sigmoid(1.0), abs=1e-5)),
+        (pytest.approx(sigmoid(0.5), abs=1e-5), pytest.approx(sigmoid(1.5), abs=1e-5))]
+    assert [r.defect for r in rows_0] == [None, aq_map.NOUN_UNMATCHED]
+    assert [r.defect for r in rows_1] == [None, aq_map.ADJECTIVE_UNMATCHED]
+    assert result.emphasized_prompts == ["a cat wearing a blue hat, (wearing a blue hat:1.1)"] * 2
+    assert result.has_target == [True, True]
+    # eq. 8: a = g x prod_j min(a_phs[j] / beta, 1), g = sigmoid(10 x (cos(prompt) - cos(""))):
+    # picture 0: 0.731 x (0.881 / 0.95) x (0.119 / 0.95) = 0.085; picture 1: 0.622 x 0.927 x (0.622 / 0.95) = 0.378
+    assert result.score.tolist() == pytest.approx([sigmoid(1.0) * sigmoid(2.0) / beta * sigmoid(-2.0) / beta,
+                                                   sigmoid(0.5) * sigmoid(2.0) / beta * sigmoid(0.5) / beta], abs=1e-5)
+    # A: picture 0 draws the cat's noun map (left patch 0.622, right 0.378 at temperature 10), picture 1 the hat's;
+    # a grid one patch high stretches to every row of the picture
+    cat_map, hat_map = [sigmoid(0.5), sigmoid(-0.5)], [sigmoid(-0.5), sigmoid(0.5)]
+    torch.testing.assert_close(result.map, torch.tensor([[cat_map] * 3, [hat_map] * 3]), atol=1e-5, rtol=0)
 
-    result = aq_map.alignment_quality(encoder, features, [prompt], a_bound=a_bound, beta=beta)
-    assert expected_defects, "the random CLS should leave at least one phrase unmatched"
-    assert {row.phrase: row.defect for row in result.reports[0] if row.defect} == expected_defects
-    torch.testing.assert_close(result.map, pq_map.upsample_map(expected_grid, (6, 10)))
-    assert result.score.item() == pytest.approx(expected_score, rel=1e-5)
-    assert [row.phrase_score for row in result.reports[0]] == pytest.approx(phrase_scores, rel=1e-5)
-    assert result.emphasized_prompts[0] == aq_map.emphasize_prompt(prompt, list(expected_defects))
-    assert result.has_target == [True]
-    assert 0.0 < result.score.item() < 1.0
-    flat = aq_map.alignment_quality(encoder, features, [prompt], a_bound=a_bound, beta=beta, map_temperature=10.0)
-    torch.testing.assert_close(flat.map, pq_map.upsample_map(map_grid_at_10, (6, 10)))
-    assert flat.score.item() == pytest.approx(expected_score, rel=1e-5)  # the map's temperature leaves a alone
+    # the maps keep the model's logit scale by default: sigmoid(scale x 0.05) on the marked patch; a is unchanged
+    sharp = aq_map.alignment_quality(encoder, features, [prompt], a_bound=0.5, beta=beta)
+    high, low = sigmoid(encoder.logit_scale * 0.05), sigmoid(-encoder.logit_scale * 0.05)
+    torch.testing.assert_close(sharp.map, torch.tensor([[[high, low]] * 3, [[low, high]] * 3]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(sharp.score, result.score)
 
 
 def test_temperatures_are_knobs_and_the_default_does_not_saturate(encoder):

@@ -11,7 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-pytest.importorskip("diffusers")
+from ci import importorskip
+
+importorskip("diffusers")  # under CI a missing test dependency fails
 
 from comfyui_refinery.benchmarks import common  # noqa: E402
 from comfyui_refinery.benchmarks import rankdpo_diagnostics as diagnostics  # noqa: E402

@@ -1,7 +1,7 @@
 """A LoRA written by ``refinery-train-focus-n-fix`` after two steps on the random full-size SD1.5 single-file
-checkpoint (64 px, 2 sampling steps, K = 1, a differentiable redness reward), loaded by the real ComfyUI 0.8 (in-process): zero
-"lora key not loaded", one patch per module, equal to the hand-merged diffusers UNet at strength 1.0, half the
-delta at 0.5."""
+checkpoint (64 px, 2 sampling steps, K = 1, a differentiable redness reward), loaded by the real ComfyUI 0.8
+(in-process): zero "lora key not loaded", one patch per module, equal to the hand-merged diffusers UNet at strength
+1.0, half the delta at 0.5."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from comfyui_refinery.trainers.focus_n_fix import train as trainer
 from comfyui_refinery.trainers.focus_n_fix.config import parse_args
-from test_comfyui_rankdpo import assert_exact_in_comfyui
+from lora_in_comfyui import assert_exact_in_comfyui
 from test_focus_n_fix_trainer import TOY_CLIP, RednessReward, write_prompts
 
 pytestmark = pytest.mark.comfyui

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from ci import importorskip, skip_or_fail
+
 pytestmark = pytest.mark.comfyui
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
@@ -52,17 +54,11 @@ NODE_BOXES = """() => {
 
 
 def _needs_browser():
-    """Skip without a system Chromium (.ci/run installs Debian's); playwright is a test dependency, so its absence
-    fails in CI."""
+    """Skip without a system Chromium (.ci/run installs Debian's) or playwright (a test dependency); under CI both
+    must be there, and their absence fails (``ci.py``)."""
     if CHROMIUM is None:
-        pytest.skip("no chromium executable (apt-get install chromium)")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        reason = "playwright is not installed (pip install -e '.[test]')"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        skip_or_fail("no chromium executable (apt-get install chromium)")
+    importorskip("playwright.sync_api")
 
 
 @pytest.fixture(scope="module")

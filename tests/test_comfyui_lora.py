@@ -15,70 +15,25 @@ structure and of two tiny text towers with SDXL's layer counts (12 and 32) goes 
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from comfyui_refinery.core.lora_export import export_comfyui_lora
 from comfyui_refinery.trainers.common.lora import adapters_disabled, add_lora
-from test_lora_export import (
-    ALL_TEXT_TARGETS,
-    ALL_UNET_TARGETS,
-    TINY_SDXL_UNET,
-    randomize_lora,
+from lora_in_comfyui import (
+    LoraWarnings,
+    assert_matches_reference,
+    comfy_text_output,
+    comfy_unet_output,
     read_lora,
-    tiny_text_encoder,
-    tiny_unet,
+    sd15_diffusers_models,
 )
+from test_lora_export import (ALL_TEXT_TARGETS, ALL_UNET_TARGETS, TINY_SDXL_UNET, randomize_lora, tiny_text_encoder,
+                              tiny_unet)
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread")]  # one thread: a 2-core machine
 
 UNET_LORA = "refinery-test-sd15-unet-lora.safetensors"  # UNet only: what LoraLoaderModelOnly takes
 FULL_LORA = "refinery-test-sd15-unet-te-lora.safetensors"  # UNet + CLIP-L: what LoraLoader takes
-
-
-class _Records(logging.Handler):
-    """Every log message at WARNING and above, from any logger (ComfyUI logs on the root logger)."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-    def __enter__(self) -> _Records:
-        logging.getLogger().addHandler(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        logging.getLogger().removeHandler(self)
-
-    def not_loaded(self) -> list[str]:
-        return [m for m in self.messages if "lora key not loaded" in m or m.startswith("NOT LOADED")]
-
-
-def _sd15_diffusers_models():
-    """The cached random SD1.5 UNet and CLIP-L as diffusers/transformers fp32 models (the same fp16 files ComfyUI
-    loads, upcast), built on the meta device and filled from the files (no random init of 1 G parameters)."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
-    from sd15_checkpoint import CLIP_CONFIG, CLIP_FILE, UNET_CONFIG, UNET_FILE, build_sd15
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    folder = build_sd15()
-    with init_empty_weights():
-        unet = UNet2DConditionModel(**UNET_CONFIG)
-        text = CLIPTextModel(CLIPTextConfig(**CLIP_CONFIG))
-    state = {key: value.float() for key, value in load_file(str(folder / "unet" / UNET_FILE)).items()}
-    unet.load_state_dict(state, strict=True, assign=True)
-    state = load_file(str(folder / "text_encoders" / CLIP_FILE))
-    prefix = "" if hasattr(text, "text_model") else "text_model."  # transformers 5's CLIPTextModel has no text_model
-    state = {key.removeprefix(prefix): value.float() for key, value in state.items()}
-    missing, unexpected = text.load_state_dict(state, strict=False, assign=True)
-    assert not unexpected and all(key.endswith("position_ids") for key in missing), (missing, unexpected)
-    return unet.eval(), text.eval()
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +42,9 @@ def sd15_lora(comfy_harness, sd15_models):
     {"unet": {strength: output}, "text": {strength: output}, "inputs": ..., "ids": ...}."""
     import folder_paths
 
-    torch.set_num_threads(1)
-    unet, text = _sd15_diffusers_models()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the full-size references on one thread (a 2-core machine); restored below
+    unet, text = sd15_diffusers_models()
     add_lora(unet, rank=4, alpha=2.0, target_modules=ALL_UNET_TARGETS)
     add_lora(text, rank=4, alpha=2.0, target_modules=ALL_TEXT_TARGETS, component="text_encoder")
     randomize_lora(unet, text, std=0.04)
@@ -132,28 +88,10 @@ def sd15_lora(comfy_harness, sd15_models):
     yield {"folder": loras, "unet": unet_out, "text": text_out, "latent": latent, "context": context,
             "timestep": timestep, "ids": ids, "sd15_models": sd15_models, "text_base_weights": base_weights,
             "text_merged_weights": merged_weights, "text_fp16_noise": text_fp16_noise}
+    torch.set_num_threads(threads)
     import comfy.model_management
 
     comfy.model_management.unload_all_models()  # free the full-size UNets these tests loaded for later tests
-
-
-def _comfy_unet_output(patcher, reference: dict) -> torch.Tensor:
-    """Patch the weights (ComfyUI's own loading path) and run the ComfyUI UNet on the reference input."""
-    import comfy.model_management
-
-    comfy.model_management.load_models_gpu([patcher])
-    model = patcher.model.diffusion_model
-    dtype = next(model.parameters()).dtype
-    with torch.no_grad():
-        out = model(reference["latent"].to(dtype), timesteps=reference["timestep"].to(dtype),
-                    context=reference["context"].to(dtype))
-    return out.float()
-
-
-def _comfy_text_output(clip, reference: dict) -> torch.Tensor:
-    """CLIP-L's last hidden state (after the final layer norm: SD1.5's layer) for the reference token ids."""
-    tokens = {"l": [[(int(token), 1.0) for token in reference["ids"][0]]]}
-    return clip.encode_from_tokens(tokens).float()
 
 
 def test_sd15_unet_lora_in_comfyui_equals_peft_merged(comfy_harness, sd15_lora):
@@ -161,34 +99,23 @@ def test_sd15_unet_lora_in_comfyui_equals_peft_merged(comfy_harness, sd15_lora):
     UNet output equals diffusers' with peft's merged LoRA (and with peft at scale 0.5)."""
     import nodes
 
-    torch.set_num_threads(1)
     tensors, metadata = read_lora(sd15_lora["folder"] / UNET_LORA)
     assert metadata["refinery.base_family"] == "sd15" and metadata["refinery.alpha"] == "2"
     (model,) = nodes.UNETLoader().load_unet(sd15_lora["sd15_models"]["unet"], "default")
-    with _Records() as records:
+    with LoraWarnings() as records:
         (model_full,) = nodes.LoraLoaderModelOnly().load_lora_model_only(model, UNET_LORA, 1.0)
         (model_half,) = nodes.LoraLoaderModelOnly().load_lora_model_only(model, UNET_LORA, 0.5)
     assert records.not_loaded() == []
     assert len(model_full.patches) == len(model_half.patches) == len(tensors) // 3
 
-    base = _comfy_unet_output(model, sd15_lora)
-    full = _comfy_unet_output(model_full, sd15_lora)
-    half = _comfy_unet_output(model_half, sd15_lora)
-    reference = sd15_lora["unet"]
     # Both sides run fp32 on the same fp16-rounded base weights and fp32 LoRA factors (the fp16 files cost nothing
     # here: ComfyUI and diffusers upcast the same fp16 values). What differs is the two UNet implementations'
     # operation order (attention, GroupNorm, how the LoRA product is summed), which the base outputs measure; the
-    # tolerance is 10x that, and the LoRA moves the output by over 100x the tolerance.
-    noise = (base - reference[0.0]).abs().max().item()
-    assert noise < 1e-4, f"ComfyUI and diffusers disagree on the base UNet by {noise}"
-    tolerance = max(1e-4, 10 * noise)
-    effect = (reference[1.0] - reference[0.0]).abs().max().item()
-    assert effect > 100 * tolerance, (effect, tolerance)
-    torch.testing.assert_close(full, reference[1.0], rtol=0, atol=tolerance)
-    torch.testing.assert_close(half, reference[0.5], rtol=0, atol=tolerance)
-    # strength 0.5 halves the weight delta; the output delta is about half (exactly only for a linear network)
-    ratio = ((half - base).flatten() @ (full - base).flatten()) / (full - base).square().sum()
-    assert ratio.item() == pytest.approx(0.5, abs=0.05)
+    # tolerance is 10x that, and the LoRA moves the output by over 100x the tolerance. Strength 0.5 halves the
+    # weight delta; the output delta is about half.
+    comfy = {strength: comfy_unet_output(patcher, sd15_lora)
+             for strength, patcher in ((0.0, model), (1.0, model_full), (0.5, model_half))}
+    assert_matches_reference(comfy, sd15_lora["unet"], "UNet", min_effect=100)
 
 
 def test_sd15_unet_and_clip_lora_in_comfyui(comfy_harness, sd15_lora):
@@ -196,14 +123,13 @@ def test_sd15_unet_and_clip_lora_in_comfyui(comfy_harness, sd15_lora):
     the CLIP output equals transformers' CLIP-L with peft's merged LoRA (strength 1.0) and peft at scale 0.5."""
     import nodes
 
-    torch.set_num_threads(1)
     tensors, _ = read_lora(sd15_lora["folder"] / FULL_LORA)
     text_modules = {key.rsplit(".", 1)[0] for key in tensors if key.startswith("lora_te_") and key.endswith("alpha")}
     assert len(text_modules) == 12 * len(ALL_TEXT_TARGETS)
     names = sd15_lora["sd15_models"]
     (model,) = nodes.UNETLoader().load_unet(names["unet"], "default")
     (clip,) = nodes.CLIPLoader().load_clip(names["text_encoders"], "stable_diffusion")
-    with _Records() as records:
+    with LoraWarnings() as records:
         model_full, clip_full = nodes.LoraLoader().load_lora(model, clip, FULL_LORA, 1.0, 1.0)
         _, clip_half = nodes.LoraLoader().load_lora(model, clip, FULL_LORA, 1.0, 0.5)
     assert records.not_loaded() == []
@@ -229,20 +155,14 @@ def test_sd15_unet_and_clip_lora_in_comfyui(comfy_harness, sd15_lora):
     # Outputs: the difference allowed is 4x what round-to-nearest fp16 storage of the merged weights does to the
     # output (stochastic rounding errs by up to one spacing instead of half), and at least the 1e-4 that the two CLIP
     # implementations may differ by; the LoRA moves the output by far more.
-    base = _comfy_text_output(clip, sd15_lora)
-    full = _comfy_text_output(clip_full, sd15_lora)
-    half = _comfy_text_output(clip_half, sd15_lora)
-    reference = sd15_lora["text"]
-    noise = (base - reference[0.0]).abs().max().item()
-    assert noise < 1e-4, f"ComfyUI and transformers disagree on the base CLIP-L by {noise}"
-    tolerance = max(1e-4, 10 * noise, 4 * sd15_lora["text_fp16_noise"])
-    assert (reference[1.0] - reference[0.0]).abs().max().item() > 20 * tolerance
-    torch.testing.assert_close(full, reference[1.0], rtol=0, atol=tolerance)
-    torch.testing.assert_close(half, reference[0.5], rtol=0, atol=tolerance)
+    comfy = {strength: comfy_text_output(patched, sd15_lora)
+             for strength, patched in ((0.0, clip), (1.0, clip_full), (0.5, clip_half))}
+    assert_matches_reference(comfy, sd15_lora["text"], "CLIP-L", min_effect=20,
+                             tolerance_floor=max(1e-4, 4 * sd15_lora["text_fp16_noise"]), half_delta=False)
 
     # ComfyUI's model-only loader gets no CLIP, so it logs each text-encoder key of such a file as not loaded (and
     # only those): UNet-only trainers should write UNet-only files.
-    with _Records() as records:
+    with LoraWarnings() as records:
         nodes.LoraLoaderModelOnly().load_lora_model_only(model, FULL_LORA, 1.0)
     assert records.not_loaded() and all("lora_te_" in message for message in records.not_loaded())
 
@@ -258,7 +178,6 @@ def test_sdxl_lora_keys_all_map_in_comfyui(comfy_harness, tmp_path):
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
-    torch.set_num_threads(1)
     config = UNet2DConditionModel.load_config(diffusers_config_folder("sdxl", tmp_path / "configs") / "unet")
     with init_empty_weights():
         full_size = UNet2DConditionModel.from_config(config)
@@ -285,7 +204,7 @@ def test_sdxl_lora_keys_all_map_in_comfyui(comfy_harness, tmp_path):
     model = comfy.model_patcher.ModelPatcher(model_config.get_model({}, "", device="meta"), cpu, cpu)
     clip = comfy.sd.CLIP(model_config.clip_target(), model_options={"initial_device": torch.device("meta"),
                                                                     "load_device": cpu, "offload_device": cpu})
-    with _Records() as records:
+    with LoraWarnings() as records:
         patched_model, patched_clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
     assert records.not_loaded() == []
     unet_patches = set(patched_model.patches)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from comfyui_harness import GraphResult
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread")]  # sample on one thread (2-core machine)
 
 SIZE = 64
 PICTURES = ("refine_a.png", "refine_b.png")
@@ -31,15 +31,6 @@ _RUNS = itertools.count(1)
 
 
 # -- fixtures and graph pieces ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread(comfy_harness):
-    """The suite shares a 2-core machine: sample on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pictures(comfy_harness) -> tuple[str, str]:
     """Two 64x64 RGB pictures in input/ (the session's picture.png is 64x48): real content everywhere, so a
@@ -113,6 +104,11 @@ def assert_ok(result: GraphResult) -> None:
     assert result.success, f"graph failed:\n{result.error_text()}"
 
 
+def add_mask_save(graph, mask, prefix: str):
+    """SaveImage of a MASK output (through MaskToImage), read back with :func:`saved_pixels`."""
+    return graph.node("SaveImage", images=graph.node("MaskToImage", mask=mask).out(0), filename_prefix=prefix)
+
+
 def saved_pixels(harness, result, node) -> list[np.ndarray]:
     files = harness.output_files(result, node.id)
     assert files, f"node {node.id} reported no files: {result.outputs.get(node.id)}"
@@ -135,6 +131,14 @@ def failure(result: GraphResult, node) -> str:
     assert error is not None and error["node_id"] == node.id, result.error_text()
     assert error["exception_type"].endswith("ValueError"), error
     return error["exception_message"]
+
+
+def stage_failure(harness, graph, node_type, unet, clip, latent, plan, **extra) -> str:
+    """Add a ``node_type`` stage on ``latent`` (PROMPT against "") that must fail, run the graph, return the message."""
+    stage = add_stage(graph, node_type, unet, add_text(graph, clip, PROMPT), add_text(graph, clip, ""), latent, plan,
+                      **extra)
+    graph.node("PreviewAny", source=stage.out(0))
+    return failure(harness.run_graph(graph), stage)
 
 
 def good_prompt_still_runs(harness, sd15_models, pictures) -> None:
@@ -214,10 +218,8 @@ def test_modular_graph_maps_plan_two_stages_decode_save(comfy_harness, sd15_mode
     stage2 = add_stage(graph, "RefineryGlobalRedenoise", unet, positive, negative, stage1, plan, seed=1)
     decoded = graph.node("VAEDecode", samples=stage2.out(0), vae=vae.out(0))
     save = graph.node("SaveImage", images=decoded.out(0), filename_prefix="modular")
-    mask_image = graph.node("MaskToImage", mask=plan.out(1))
-    mask_save = graph.node("SaveImage", images=mask_image.out(0), filename_prefix="modular_mask")
-    feathered_save = graph.node("SaveImage", images=graph.node("MaskToImage", mask=plan.out(2)).out(0),
-                                filename_prefix="modular_feathered")
+    mask_save = add_mask_save(graph, plan.out(1), "modular_mask")
+    feathered_save = add_mask_save(graph, plan.out(2), "modular_feathered")
     summary = graph.node("PreviewAny", source=plan.out(3))
 
     result = comfy_harness.run_graph(graph)
@@ -248,8 +250,7 @@ def test_all_in_one_graph_on_a_batch_with_every_input_wired(comfy_harness, sd15_
         negative=add_text(graph, clip, "blurry").out(0), stage1_model=unet.out(0), **SAMPLING, **KNOBS,
     )
     save = graph.node("SaveImage", images=refine.out(0), filename_prefix="grefine")
-    mask_save = graph.node("SaveImage", images=graph.node("MaskToImage", mask=refine.out(1)).out(0),
-                           filename_prefix="grefine_mask")
+    mask_save = add_mask_save(graph, refine.out(1), "grefine_mask")
     summary = graph.node("PreviewAny", source=refine.out(2))
 
     result = comfy_harness.run_graph(graph)
@@ -403,11 +404,8 @@ def test_plan_mask_and_latent_of_different_sizes_fail_then_recover(comfy_harness
     unet, clip, vae = add_models(graph, sd15_models)
     plan = add_solid_plan(graph, 0.2, 0.0)  # 64x64 masks
     latent = graph.node("VAEEncode", pixels=graph.node("LoadImage", image="picture.png").out(0), vae=vae.out(0))
-    stage = add_stage(graph, "RefineryMaskedRedenoise", unet, add_text(graph, clip, PROMPT), add_text(graph, clip, ""),
-                      latent, plan, pixels_per_latent=8)
-    graph.node("SaveImage", images=graph.node("VAEDecode", samples=stage.out(0), vae=vae.out(0)).out(0),
-               filename_prefix="size_mismatch")
-    message = failure(comfy_harness.run_graph(graph), stage)
+    message = stage_failure(comfy_harness, graph, "RefineryMaskedRedenoise", unet, clip, latent, plan,
+                            pixels_per_latent=8)
     assert "64x64 pixels" in message and "6x8 cells" in message and "same image you VAE-encode" in message
     good_prompt_still_runs(comfy_harness, sd15_models, pictures)
 
@@ -420,11 +418,7 @@ def test_plan_count_and_latent_batch_mismatch_fails_then_recovers(comfy_harness,
     plan = add_plan(graph, pq, aq)
     three = graph.node("RepeatImageBatch", image=graph.node("LoadImage", image=pictures[0]).out(0), amount=3)
     latent = graph.node("VAEEncode", pixels=three.out(0), vae=vae.out(0))
-    stage = add_stage(graph, "RefineryGlobalRedenoise", unet, add_text(graph, clip, PROMPT),
-                      add_text(graph, clip, ""), latent, plan)
-    graph.node("SaveImage", images=graph.node("VAEDecode", samples=stage.out(0), vae=vae.out(0)).out(0),
-               filename_prefix="count_mismatch")
-    message = failure(comfy_harness.run_graph(graph), stage)
+    message = stage_failure(comfy_harness, graph, "RefineryGlobalRedenoise", unet, clip, latent, plan)
     assert "covers 2 images" in message and "batch of 3" in message
     good_prompt_still_runs(comfy_harness, sd15_models, pictures)
 
@@ -444,10 +438,8 @@ def test_latent_of_another_model_family_fails_then_recovers(comfy_harness, sd15_
     graph = graph_builder()
     unet, clip, vae = add_models(graph, sd15_models)
     latent = graph.node("EmptySD3LatentImage", width=SIZE, height=SIZE, batch_size=1)
-    stage = add_stage(graph, "RefineryMaskedRedenoise", unet, add_text(graph, clip, PROMPT), add_text(graph, clip, ""),
-                      latent, add_solid_plan(graph, 0.2, 0.0), pixels_per_latent=8)
-    graph.node("PreviewAny", source=stage.out(0))
-    message = failure(comfy_harness.run_graph(graph), stage)
+    message = stage_failure(comfy_harness, graph, "RefineryMaskedRedenoise", unet, clip, latent,
+                            add_solid_plan(graph, 0.2, 0.0), pixels_per_latent=8)
     assert "16 channels" in message and "4-channel" in message and "VAE does not belong" in message
     good_prompt_still_runs(comfy_harness, sd15_models, pictures)
 
@@ -459,10 +451,8 @@ def test_latent_with_a_noise_mask_is_refused_then_recovers(comfy_harness, sd15_m
     latent = graph.node("VAEEncode", pixels=image.out(0), vae=vae.out(0))
     masked_latent = graph.node("SetLatentNoiseMask", samples=latent.out(0),
                                mask=graph.node("SolidMask", value=1.0, width=SIZE, height=SIZE).out(0))
-    stage = add_stage(graph, "RefineryMaskedRedenoise", unet, add_text(graph, clip, PROMPT), add_text(graph, clip, ""),
-                      masked_latent, add_solid_plan(graph, 0.2, 0.0), pixels_per_latent=8)
-    graph.node("PreviewAny", source=stage.out(0))
-    message = failure(comfy_harness.run_graph(graph), stage)
+    message = stage_failure(comfy_harness, graph, "RefineryMaskedRedenoise", unet, clip, masked_latent,
+                            add_solid_plan(graph, 0.2, 0.0), pixels_per_latent=8)
     assert "noise_mask" in message and "plain VAEEncode" in message
     good_prompt_still_runs(comfy_harness, sd15_models, pictures)
 
@@ -480,8 +470,7 @@ def test_all_in_one_pads_a_17x3_picture_and_returns_it_at_its_own_size(comfy_har
                         quality_clip=quality.out(0), prompt=PROMPT, negative_prompt="", seed=0, emphasis=1.1,
                         **SAMPLING, **KNOBS)
     save = graph.node("SaveImage", images=refine.out(0), filename_prefix="odd_17x3")
-    mask_save = graph.node("SaveImage", images=graph.node("MaskToImage", mask=refine.out(1)).out(0),
-                           filename_prefix="odd_17x3_mask")
+    mask_save = add_mask_save(graph, refine.out(1), "odd_17x3_mask")
 
     result = comfy_harness.run_graph(graph)
 

@@ -123,9 +123,21 @@ def test_rank_returns_the_input_pixels_best_first(comfy_harness, rewards):
     assert len(saved) == 2 and all(np.array_equal(s, originals[i]) for s, i in zip(saved, order[:2]))
 
 
-def test_win_rate_over_two_rewards_matches_syn_pic(comfy_harness, rewards):
-    from comfyui_refinery.core.reward_aggregation import syn_pic_win_rates
+def hand_win_rates(scores: list[list[float]], group: int) -> list[float]:
+    """Syn-Pic phi (rankdpo.txt, Algorithm 1) counted one comparison at a time: for image i, a win (1), tie (1/2) or
+    loss (0) against each other image of its group of ``group`` consecutive images under each reward, divided by
+    n (k - 1). scores: n rewards x B images."""
+    win_rates = []
+    for i in range(len(scores[0])):
+        start = i - i % group
+        points = sum(1.0 if row[i] > row[j] else 0.5 if row[i] == row[j] else 0.0
+                     for row in scores for j in range(start, start + group) if j != i)
+        win_rates.append(points / (len(scores) * (group - 1)))
+    return win_rates
 
+
+@pytest.mark.parametrize("images_per_prompt, group", [(2, 2), (0, 4)])  # 0: the whole batch is one prompt's
+def test_win_rate_over_two_rewards_matches_syn_pic(comfy_harness, rewards, images_per_prompt, group):
     node = comfy_harness.node_class("RefineryRewardWinRate")
     loader = comfy_harness.node_class("RefineryRewardModelLoader")
     clip = loader.execute(model=rewards["clip"], kind="clip-score", architecture="auto", tower="none",
@@ -133,16 +145,18 @@ def test_win_rate_over_two_rewards_matches_syn_pic(comfy_harness, rewards):
     trained = loader.execute(model=rewards["trained"], kind="auto", architecture="auto", tower="none",
                              batch_size=4).result[0]
     images = pictures_tensor(comfy_harness)
+    lines = ["a", "b", "c", "d"]
     with torch.inference_mode():
-        out = node.execute(reward_1=clip, image=images, prompt="a\nb\nc\nd", prompt_per_line=True, images_per_prompt=2,
-                           reward_2=trained).result
-    scores = torch.stack([clip.score(images, ["a", "b", "c", "d"]), trained.score(images, ["a", "b", "c", "d"])])
-    expected = syn_pic_win_rates(scores.reshape(2, 2, 2).permute(1, 0, 2)).reshape(4)
-    assert out[0] == pytest.approx(expected.tolist())
-    assert out[1].shape == (2, 64, 64, 3)
-    for group in range(2):
-        best = 2 * group + int(torch.argmax(expected[2 * group: 2 * group + 2]))
-        assert torch.equal(out[1][group], images[best])
+        out = node.execute(reward_1=clip, image=images, prompt="\n".join(lines), prompt_per_line=True,
+                           images_per_prompt=images_per_prompt, reward_2=trained).result
+        scores = [clip.score(images, lines).tolist(), trained.score(images, lines).tolist()]
+    expected = hand_win_rates(scores, group)
+    assert len(set(expected)) > 1, "the two tiny rewards should not tie every image"
+    assert out[0] == pytest.approx(expected)
+    assert out[1].shape == (4 // group, 64, 64, 3)
+    for index, start in enumerate(range(0, 4, group)):
+        best = max(range(start, start + group), key=lambda i: (expected[i], -i))  # a tie keeps the first
+        assert torch.equal(out[1][index], images[best])
 
 
 def test_aesthetic_head_needs_its_tower(comfy_harness, rewards):

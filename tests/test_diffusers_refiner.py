@@ -10,7 +10,9 @@ import dataclasses
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
+from ci import importorskip
+
+importorskip("diffusers")  # under CI a missing test dependency fails
 
 from comfyui_refinery.benchmarks.toyworld.sd_pipeline import build_pipeline  # noqa: E402
 from comfyui_refinery.core.diffusers_refiner import refine_with_pipeline, scheduler_steps, stage_seed  # noqa: E402
@@ -370,3 +372,58 @@ def test_img2img_and_inpaint_variants_give_the_text_to_image_pipelines_result(pi
     got = refine_with_pipeline(other, images, plans, guidance_scale=2.0, progress=False)
     torch.testing.assert_close(got.images, expected.images)
     torch.testing.assert_close(got.after_stage1, expected.after_stage1)
+
+
+
+def brightness_scorer(originals: torch.Tensor, weight: float, seen: list | None = None):
+    """A guard scorer whose p is ``0.5 + weight * change``, change = how far a picture's mean moved from its input's
+    (a fixed a): the guard's decisions follow from the pixels alone. seen: collects every batch scored."""
+    from comfyui_refinery.core.keep_better import GuardScores
+
+    def score(pictures: torch.Tensor) -> GuardScores:
+        if seen is not None:
+            seen.append(pictures.clone())
+        moved = (pictures.mean(dim=(1, 2, 3)) - originals.mean(dim=(1, 2, 3))).abs()
+        return GuardScores(0.5 + weight * moved, torch.full_like(moved, 0.5))
+
+    return score
+
+
+def test_guard_returns_the_input_bit_identical_unless_the_refined_picture_scores_better(pipeline):
+    torch.manual_seed(1)
+    images = torch.rand(2, 64, 64, 3)
+    plans = make_plans(images, torch.tensor([0.3, 0.3]))
+    plain = refine_with_pipeline(pipeline, images, plans, guidance_scale=2.0, progress=False)
+    worse = refine_with_pipeline(pipeline, images, plans, guidance_scale=2.0, progress=False,
+                                 guard=brightness_scorer(images, weight=-1.0))  # any change lowers p
+    assert not worse.decision.keep.any() and torch.equal(worse.images, images)
+    assert torch.equal(worse.after_stage1, images) and worse.table.count("input kept (not better)") == 2
+    better = refine_with_pipeline(pipeline, images, plans, guidance_scale=2.0, progress=False,
+                                  guard=brightness_scorer(images, weight=1e3))  # any change is a large gain
+    assert better.decision.keep.all() and torch.equal(better.images, plain.images)
+    assert better.decision.attempt.tolist() == [0, 0]
+
+
+def test_guard_keeps_the_best_passing_attempt_with_its_own_seeds(pipeline):
+    torch.manual_seed(2)
+    images = torch.rand(2, 64, 64, 3)
+    plans = make_plans(images, torch.tensor([0.3, 0.3]))
+    seen: list[torch.Tensor] = []
+    result = refine_with_pipeline(pipeline, images, plans, guidance_scale=2.0, progress=False, attempts=2,
+                                  guard=brightness_scorer(images, weight=1e3, seen=seen))
+    _, first, second = seen  # the inputs, then each attempt's pictures
+    assert not torch.equal(first, second)  # attempt 2 draws other noise
+    moved = [(attempt.mean(dim=(1, 2, 3)) - images.mean(dim=(1, 2, 3))).abs() for attempt in (first, second)]
+    for index in range(2):
+        best = int(moved[1][index] > moved[0][index])
+        assert int(result.decision.attempt[index]) == best
+        assert torch.equal(result.images[index], (first, second)[best][index])
+
+
+def test_guard_input_errors(pipeline):
+    images = torch.rand(1, 64, 64, 3)
+    plans = make_plans(images, torch.tensor([0.3]))
+    with pytest.raises(ValueError, match="attempts must be a whole number >= 1, got 0"):
+        refine_with_pipeline(pipeline, images, plans, attempts=0, guard=brightness_scorer(images, 1.0))
+    with pytest.raises(ValueError, match="attempts is 2 but no guard scores them"):
+        refine_with_pipeline(pipeline, images, plans, attempts=2)

@@ -16,20 +16,12 @@ import torch
 from comfyui_refinery.core.aq_map import emphasize_prompt
 from comfyui_refinery.core.refine_plan import ImagePlan
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread")]  # sample on one thread (2-core machine)
 
 SIZE = 64
 PROMPT = "a red circle next to a blue square"
 EMPHASIZED = emphasize_prompt(PROMPT, ["a blue square"])  # what the AQ-Map gives when the square is missing
 SAMPLING = dict(sampler_name="euler", scheduler="normal", cfg=2.0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread(comfy_harness):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,13 @@ import shlex
 
 import pytest
 
-pytest.importorskip("aiohttp")
+from ci import importorskip
+
+importorskip("aiohttp")  # under CI a missing test dependency fails
 
 from comfyui_refinery.headless.batch import BatchState, item_fingerprint, summary_table
 from comfyui_refinery.headless.cli import main, parse_args
+from comfyui_refinery.headless.client import HeadlessError
 from comfyui_refinery.headless.outputs import end_nodes, plan_saves, text_excerpt
 from comfyui_refinery.headless.workflow import Override, WorkflowError, apply_overrides, load_workflow
 
@@ -49,7 +52,8 @@ def test_state_file_and_summary(tmp_path):
                            {"item": "b", "status": "failed", "files": [], "error": "Node 5 failed", "seconds": 2.0}])
     assert "a.png" in table and "Node 5 failed" in table and "1 done, 1 failed, 0 skipped" in table
     (tmp_path / "headless-state.json").write_text("{broken")
-    with pytest.raises(Exception, match="damaged"):
+    with pytest.raises(HeadlessError, match=r"headless-state\.json is damaged \(Expecting .*\): delete it to start the "
+                                            r"batch over\."):
         BatchState(tmp_path, "w")
 
 

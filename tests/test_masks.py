@@ -71,46 +71,29 @@ def test_binarize_threshold_range(bad):
         binarize(torch.zeros(1, 2, 2), bad)
 
 
+def grid(rows: str) -> torch.Tensor:
+    """A (1, H, W) 0/1 mask drawn as text, rows top to bottom separated by "/": "110/000" is 2 x 3."""
+    return torch.tensor([[[float(pixel) for pixel in row] for row in rows.split("/")]])
+
+
 def test_remove_small_regions_sizes_1_and_4():
-    m = t([[[1, 0, 0, 0, 0],
-            [0, 0, 0, 0, 0],
-            [0, 0, 1, 1, 0],
-            [0, 0, 1, 1, 0],
-            [0, 0, 0, 0, 0]]])
-    expected = m.clone()
-    expected[0, 0, 0] = 0
-    torch.testing.assert_close(remove_small_regions(m, 2), expected)
+    m = grid("10000/00000/00110/00110/00000")  # a single pixel, a 2x2 block
+    torch.testing.assert_close(remove_small_regions(m, 2), grid("00000/00000/00110/00110/00000"))
     torch.testing.assert_close(remove_small_regions(m, 5), torch.zeros_like(m))
     torch.testing.assert_close(remove_small_regions(m, 0), m)
 
 
 def test_eight_connectivity_diagonal_is_one_region():
     # A diagonal of 3 pixels is one region of size 3 (4-connectivity would give three of size 1).
-    m = t([[[1, 0, 0, 0, 0],
-            [0, 1, 0, 0, 0],
-            [0, 0, 1, 0, 0],
-            [0, 0, 0, 0, 0],
-            [0, 0, 0, 0, 1]]])
-    expected = m.clone()
-    expected[0, 4, 4] = 0
-    torch.testing.assert_close(remove_small_regions(m, 2), expected)
-    torch.testing.assert_close(keep_largest_regions(m, 1), expected)
+    m = grid("10000/01000/00100/00000/00001")
+    diagonal = grid("10000/01000/00100/00000/00000")
+    torch.testing.assert_close(remove_small_regions(m, 2), diagonal)
+    torch.testing.assert_close(keep_largest_regions(m, 1), diagonal)
 
 
 def test_keep_largest_regions():
-    m = t([[[1, 1, 0, 1, 0],
-            [1, 1, 0, 0, 0],
-            [0, 0, 0, 0, 0],
-            [1, 1, 1, 0, 1],
-            [0, 0, 0, 0, 1]]])
-    # regions: 2x2 block (4), row of 3 (3), pair at right (2), single (1)
-    k2 = keep_largest_regions(m, 2)
-    expected = t([[[1, 1, 0, 0, 0],
-                   [1, 1, 0, 0, 0],
-                   [0, 0, 0, 0, 0],
-                   [1, 1, 1, 0, 0],
-                   [0, 0, 0, 0, 0]]])
-    torch.testing.assert_close(k2, expected)
+    m = grid("11010/11000/00000/11101/00001")  # a 2x2 block (4), a row of 3 (3), a pair at right (2), a single (1)
+    torch.testing.assert_close(keep_largest_regions(m, 2), grid("11000/11000/00000/11100/00000"))
     torch.testing.assert_close(keep_largest_regions(m, 10), m)
     with pytest.raises(ValueError, match="max_regions must be an int >= 1"):
         keep_largest_regions(m, 0)
@@ -131,10 +114,7 @@ def test_dilate_single_pixel_radius_1_and_2():
 
 
 def test_dilate_at_border_clips():
-    m = torch.zeros(1, 3, 4)
-    m[0, 0, 0] = 1
-    expected = t([[[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]])
-    torch.testing.assert_close(dilate(m, 1), expected)
+    torch.testing.assert_close(dilate(grid("1000/0000/0000"), 1), grid("1100/1100/0000"))
 
 
 def test_gaussian_blur_constant_and_impulse():

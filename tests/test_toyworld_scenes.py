@@ -1,7 +1,6 @@
 """Tests for the toy world (benchmarks/toyworld): generator determinism, captions, exact masks, defect injectors."""
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -153,12 +152,3 @@ def test_make_example():
     assert set(counts) == {0, 1, 2}
     _, _, masks, _ = defects.make_example(1, kinds=("noise_patch",), max_defects=1)
     assert set(masks) <= {"noise_patch"}
-
-
-def test_speed():
-    start = time.perf_counter()
-    for seed in range(200):
-        scenes.generate(seed)
-    seconds = time.perf_counter() - start
-    print(f"200 scenes at 64 px: {seconds * 1000:.0f} ms ({seconds * 5:.2f} ms a scene)")
-    assert seconds < 5.0
