@@ -36,7 +36,7 @@ import torch
 
 from .weights import save_safetensors_atomic
 
-FAMILIES = ("sd15", "sdxl")
+FAMILIES = ("sd15", "sdxl")  # the base-model families of the pack (trainers, model loading, LoRA export)
 FORMAT_VERSION = "1"
 METADATA_PREFIX = "refinery."
 

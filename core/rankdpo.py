@@ -136,10 +136,19 @@ def diffusion_dpo_loss(preferred_scores: torch.Tensor, rejected_scores: torch.Te
     return -F.logsigmoid(-beta * (preferred_scores - rejected_scores).float()).mean()
 
 
-def implicit_accuracy(scores: torch.Tensor, win_rates: torch.Tensor) -> torch.Tensor:
-    """Fraction of preferred pairs the model orders right (``s_i < s_j`` when i is preferred over j), over all
-    groups: a training statistic. scores, win_rates: (P, k). Returns a scalar in [0, 1] (NaN when no pair)."""
-    pairs = preferred_pairs(win_rates.reshape(-1, win_rates.shape[-1]))
-    scores = scores.detach().reshape(-1, scores.shape[-1])
-    right = (scores.unsqueeze(-1) < scores.unsqueeze(-2)) & pairs
-    return right.sum().float() / pairs.sum().float()
+def implicit_accuracy(scores, win_rates) -> torch.Tensor:
+    """Fraction of preferred pairs the model orders right (``s_i < s_j`` when i is preferred over j), pooled over
+    all groups: a training statistic. scores, win_rates: (P, k) tensors, or equal-length sequences of (k_p,) tensors
+    for groups of different sizes. Returns a scalar in [0, 1] (NaN when no group has a preferred pair)."""
+    if isinstance(scores, torch.Tensor):
+        groups = [(scores.reshape(-1, scores.shape[-1]), win_rates.reshape(-1, win_rates.shape[-1]))]
+    else:
+        groups = [(group_scores.reshape(1, -1), group_rates.reshape(1, -1))
+                  for group_scores, group_rates in zip(scores, win_rates, strict=True)]
+    right = total = torch.zeros(())
+    for group_scores, group_rates in groups:  # (G, k) each
+        pairs = preferred_pairs(group_rates.to(group_scores.device))  # (G, k, k)
+        group_scores = group_scores.detach()
+        right = right + ((group_scores.unsqueeze(-1) < group_scores.unsqueeze(-2)) & pairs).sum().cpu()
+        total = total + pairs.sum().cpu()
+    return right / total

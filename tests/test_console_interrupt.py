@@ -6,35 +6,16 @@ it before the signal arrives; exactness of a resume is checked in-process in the
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import signal
 import subprocess
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-from test_console_scripts import SUBPROCESS_ENV, TINY_SD, console_command
+from tiny_models import SUBPROCESS_ENV, TINY_SD, console_command, write_synpic_dataset
 
 PROG = "refinery-train-rankdpo"
 STEPS = 1000
-
-
-def write_dataset(folder: Path, prompts: int = 2, k: int = 2) -> Path:
-    rng = np.random.default_rng(0)
-    (folder / "images").mkdir(parents=True)
-    lines = []
-    for prompt in range(prompts):
-        images = []
-        for index in range(k):
-            name = f"images/p{prompt}_g{index}.png"
-            Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(folder / name)
-            images.append(name)
-        lines.append(json.dumps({"prompt": f"a red circle number {prompt}", "images": images,
-                                 "win_rates": [1.0, 0.0]}))
-    (folder / "index.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
 
 
 def interrupted_run(arguments: list[str], after: str) -> tuple[int, str]:
@@ -67,7 +48,7 @@ def checkpoint_saved(stderr: str, output: Path) -> int:
 
 
 def test_sigint_saves_a_checkpoint_exits_130_and_the_printed_command_resumes(tmp_path):
-    dataset = write_dataset(tmp_path / "data")
+    dataset = write_synpic_dataset(tmp_path / "data", prompts=2, k=2)
     output = tmp_path / "run"
     arguments = ["--dataset", str(dataset), "--model", str(TINY_SD), "--output-dir", str(output),
                  "--max-train-steps", str(STEPS), "--train-batch-size", "2", "--checkpointing-steps", "100000",

@@ -8,27 +8,19 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tiny_models import PACK_ROOT, SUBPROCESS_ENV, TINY_SD, TOY_CLIP, console_command, console_scripts
 
 try:
-    import tomllib
+    import tomllib  # noqa: F401
 except ImportError:  # Python 3.10
-    tomllib = pytest.importorskip("tomli")
+    pytest.importorskip("tomli")
 
-PACK_ROOT = Path(__file__).resolve().parent.parent
-PYPROJECT = PACK_ROOT / "pyproject.toml"
-SCRIPTS = tomllib.loads(PYPROJECT.read_text())["project"]["scripts"]
-TOY_MODELS = PACK_ROOT / "benchmarks" / "toyworld" / "models"
-TINY_SD = TOY_MODELS / "tiny-sd"
-TOY_CLIP = TOY_MODELS / "toy-clip.safetensors"
+SCRIPTS = console_scripts()
 PROMPTS = ["a small red circle on a plain grey background", "a large blue square on a plain black background"]
-# one thread per run (2-core CI machines); warnings are shown as a user would see them
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
@@ -39,16 +31,6 @@ def test_console_command_prints_its_help(name, capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     assert f"usage: {name}" in capsys.readouterr().out
-
-
-def console_command(name: str) -> list[str]:
-    """The installed console script ``name`` beside this Python, else what it runs: ``sys.exit(main())``."""
-    installed = Path(sys.executable).parent / name
-    if installed.is_file():
-        return [str(installed)]
-    module_name, function_name = SCRIPTS[name].split(":")
-    return [sys.executable, "-c", f"import sys; sys.argv[0] = {name!r}; from {module_name} import {function_name}; "
-            f"sys.exit({function_name}())"]
 
 
 def run_console(name: str, *arguments, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -10,29 +10,20 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from comfyui_refinery.core import focus_n_fix
 from comfyui_refinery.core.focus_n_fix import NotDifferentiableError
 from comfyui_refinery.trainers.common.lora import lora_parameters
 from comfyui_refinery.trainers.common.sd_models import load_models
 from comfyui_refinery.trainers.focus_n_fix import train as trainer
 from comfyui_refinery.trainers.focus_n_fix.config import parse_args
-from safetensors import safe_open
+from tiny_models import TINY_SD, TOY_CLIP, TOY_MODELS, read_lora, torch_threads
 
-PACK_ROOT = Path(__file__).resolve().parent.parent
-TOY_MODELS = PACK_ROOT / "benchmarks" / "toyworld" / "models"
-TINY_SD = TOY_MODELS / "tiny-sd"
-TOY_CLIP = TOY_MODELS / "toy-clip.safetensors"
+pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["a small red circle on a plain grey background", "a large blue square on a plain black background",
            "a small green star on a plain grey background", "a large red triangle on a plain black background"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class RednessReward(torch.nn.Module):
@@ -61,23 +52,14 @@ def arguments(prompts: Path, output: Path, *extra: str) -> list[str]:
             *extra]
 
 
-def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), "pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
-
-
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     """(prompts file, LoRA path) of an uninterrupted 3-step run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         folder = tmp_path_factory.mktemp("fnf")
         prompts = write_prompts(folder)
         return prompts, trainer.train(parse_args(arguments(prompts, folder / "straight", "--max-train-steps", "3",
                                                            "--checkpointing-steps", "100")))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_a_run_writes_a_comfyui_lora_and_mask_samples_and_resume_is_exact(straight_run, tmp_path, monkeypatch):
@@ -252,16 +234,47 @@ def test_a_large_beta_pulls_the_image_back_to_the_reference_outside_the_mask(tin
     assert distances[-1] < 0.93 * distances[0], distances
 
 
+def toy_defect_pictures(seeds: list[int]) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Toy-world pictures with injected defects (benchmarks/toyworld/defects.py): images (N, 64, 64, 3) in [0, 1],
+    their scene captions, and the exact ground-truth masks (N, 64, 64) bool of every defect."""
+    from comfyui_refinery.benchmarks.toyworld import defects
+
+    images, captions, masks = [], [], []
+    for seed in seeds:
+        image, caption, by_kind, _ = defects.make_example(seed, 64)
+        images.append(torch.from_numpy(image).float() / 255)
+        captions.append(caption)
+        masks.append(torch.from_numpy(np.logical_or.reduce(list(by_kind.values()))))
+    return torch.stack(images), captions, torch.stack(masks)
+
+
 def test_quality_map_regions_and_the_region_flags(tmp_path):
+    """--region quality-maps: the run records its region settings and writes mask samples, and its region function
+    gives masks that follow the quality maps: on toy-world pictures with one perceptual defect (a colour cast, a
+    blurred patch, a noise patch) each mask covers the defect and clearly less of the rest of the picture. An
+    all-ones (or defect-blind) mask fails. --mask-threshold 0.9 because the tiny toy-clip's defect map 1 - P + A
+    is high on most of a picture: at the default 0.3 these masks are full."""
     prompts = write_prompts(tmp_path)
-    lora = trainer.train(parse_args(arguments(prompts, tmp_path / "maps", "--max-train-steps", "1", "--region",
-                                              "quality-maps", "--quality-clip", str(TOY_CLIP),
-                                              "--quality-prompts", str(TOY_MODELS / "toy-quality-prompts.safetensors"),
-                                              "--mask-samples", "2")))
+    config = parse_args(arguments(prompts, tmp_path / "maps", "--max-train-steps", "1", "--region", "quality-maps",
+                                  "--quality-clip", str(TOY_CLIP), "--quality-prompts",
+                                  str(TOY_MODELS / "toy-quality-prompts.safetensors"), "--mask-samples", "2",
+                                  "--mask-threshold", "0.9"))
+    lora = trainer.train(config)
     _, metadata = read_lora(lora)
     args = json.loads(metadata["refinery.training_args"])
     assert args["region"] == "quality-maps" and args["region_settings"]["normalization"] == "none"
+    assert args["region_settings"]["threshold"] == 0.9
     assert (tmp_path / "maps" / "masks" / "step-000001.png").is_file()
+
+    from comfyui_refinery.benchmarks.toyworld.data import TEST_SEED_OFFSET
+
+    images, captions, defects = toy_defect_pictures([TEST_SEED_OFFSET + offset for offset in (2, 3, 14)])
+    region_function = trainer.make_region_function(config, None, torch.device("cpu"))
+    masks, states = focus_n_fix.region_mask(region_function(images, captions), config.region_settings)
+    for mask, defect, state in zip(masks.bool(), defects, states):
+        covered_defect, covered_rest = mask[defect].float().mean(), mask[~defect].float().mean()
+        assert state == "ok" and covered_defect > 0.95 and covered_rest < covered_defect - 0.25, (
+            covered_defect, covered_rest)
 
 
 def test_beta_zero_is_draft_and_masks_that_come_out_empty_or_full_warn_and_continue(tmp_path, caplog):

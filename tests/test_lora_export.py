@@ -20,21 +20,18 @@ from comfyui_refinery.trainers.common.lora import (
     lora_parameters,
     set_gradient_checkpointing,
 )
+from tiny_models import (
+    TINY_SD15_UNET,
+    TINY_SDXL_UNET,
+    lora_deltas,
+    randomize_lora,
+    read_lora,
+    tiny_text_encoder,
+    tiny_unet,
+)
 
-# tiny UNets with the block structure (hence the module paths) of SD1.5-style and SDXL UNets
-TINY_SD15_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-)
-TINY_SDXL_UNET = dict(  # SDXL base: 3 levels, 2 resnets each, transformer depth 1/2/10 (mid 10), text_time embedding
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32, 64),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(1, 2, 4), cross_attention_dim=32,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=16 + 6 * 8, norm_num_groups=8,
-)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # every UNet module kind the exporter can write (core.lora_export.UNET_MODULE_PATTERNS)
 ALL_UNET_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
@@ -42,45 +39,6 @@ ALL_UNET_TARGETS = (
     "time_embedding.linear_1", "time_embedding.linear_2",
 )
 ALL_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-
-
-def tiny_unet(config: dict = TINY_SD15_UNET, seed: int = 0):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(**config).eval()
-
-
-def tiny_text_encoder(layers: int = 2, width: int = 32, projection: bool = False, seed: int = 1):
-    """A tiny CLIP text tower; ``projection=True`` gives SDXL's second encoder class."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=1000, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                            num_attention_heads=2, max_position_embeddings=77, projection_dim=16,
-                            bos_token_id=998, eos_token_id=999, pad_token_id=999)
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
-
-
-def randomize_lora(*models, std: float = 0.05, seed: int = 2) -> None:
-    """Random, non-zero A and B in every LoRA layer."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for model in models:
-            for name, param in model.named_parameters():
-                if "lora_" in name:
-                    param.copy_(torch.randn(param.shape, generator=generator) * std)
-
-
-def lora_deltas(model, adapter_name: str) -> dict[str, torch.Tensor]:
-    """module path (without ``text_model.``) -> peft's delta weight ``scaling * B @ A`` of that adapter."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    deltas = {}
-    for name, module in model.named_modules():
-        if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "lora_A", {}):
-            deltas[name.removeprefix("text_model.")] = module.get_delta_weight(adapter_name).detach()
-    return deltas
 
 
 def unet_inputs(config: dict, batch: int = 1, seed: int = 3) -> dict:
@@ -94,13 +52,6 @@ def unet_inputs(config: dict, batch: int = 1, seed: int = 3) -> dict:
     return inputs
 
 
-def read_lora(path):
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
-
-
 def merge_all(model, adapter_name: str = "default") -> None:
     """peft's merge: W <- W + scaling * B @ A in every LoRA layer."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -108,14 +59,6 @@ def merge_all(model, adapter_name: str = "default") -> None:
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.merge(adapter_names=[adapter_name])
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- export: keys, alpha, metadata -----------------------------------------------------------------------------

@@ -16,6 +16,9 @@ from comfyui_refinery.trainers.common.model_loading import (
     load_sd_pipeline,
     pipeline_family,
 )
+from tiny_models import TINY_SDXL_UNET, tiny_text_encoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 U = UNET_PREFIX
 SD15_TEXT = {"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768)}
@@ -29,14 +32,6 @@ def _unet(context: int, conv_in: int = 4, label: int | None = None, width: int =
     if label is not None:
         shapes[U + "label_emb.0.0.weight"] = (4 * width, label)
     return shapes
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_family_from_shapes_accepts_sd15_and_sdxl():
@@ -149,7 +144,6 @@ def test_diffusers_folders(tmp_path):
         UNet2DConditionModel,
     )
     from safetensors.torch import load_file
-    from test_lora_export import TINY_SDXL_UNET, tiny_text_encoder
     from transformers import CLIPTokenizer
 
     pipeline = load_sd_pipeline(TOY_SD_FOLDER)

@@ -11,43 +11,15 @@ import signal
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from comfyui_refinery.trainers.rankdpo import train as trainer
 from comfyui_refinery.trainers.rankdpo.config import parse_args
-from comfyui_refinery.trainers.rankdpo.data import RankedGroup, read_groups
-from PIL import Image
-from safetensors import safe_open
+from comfyui_refinery.trainers.rankdpo.data import RankedGroup, RankedGroupDataset, collate, read_groups
+from tiny_models import TINY_SD, lora_deltas, randomize_lora, read_lora, torch_threads
+from tiny_models import write_synpic_dataset as write_dataset
 
-PACK_ROOT = Path(__file__).resolve().parent.parent
-TINY_SD = PACK_ROOT / "benchmarks" / "toyworld" / "models" / "tiny-sd"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_dataset(folder: Path, prompts: int = 4, k: int = 3, size: int = 64, seed: int = 0) -> Path:
-    """A Syn-Pic-format folder: random pictures, k per prompt, win rates 1, 0.5, 0 (k = 3) or evenly spaced."""
-    rng = np.random.default_rng(seed)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for prompt in range(prompts):
-        images = []
-        for index in range(k):
-            name = f"images/p{prompt}_g{index}.png"
-            Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(folder / name)
-            images.append(name)
-        win_rates = [1.0 - index / (k - 1) for index in range(k)]
-        lines.append(json.dumps({"prompt": f"a red circle number {prompt}", "images": images,
-                                 "win_rates": win_rates, "scores": {"toy": win_rates}}))
-    (folder / "index.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(arguments: list[str]) -> Path:
@@ -59,23 +31,20 @@ def base_arguments(dataset: Path, output: Path, *extra: str) -> list[str]:
             "--train-batch-size", "2", "--learning-rate", "1e-3", "--lr-warmup-steps", "0", *extra]
 
 
-def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), "pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
+def first_batch(models, dataset: Path, groups: int = 2) -> dict:
+    """The first ``groups`` prompt groups of ``dataset`` as one collated micro-batch at the model's resolution."""
+    items = RankedGroupDataset(read_groups(dataset), models.resolution)
+    return collate([items[index] for index in range(groups)])
 
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     """(dataset, LoRA path) of an uninterrupted 3-step run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         folder = tmp_path_factory.mktemp("rankdpo")
         dataset = write_dataset(folder / "data")
         return dataset, run(base_arguments(dataset, folder / "straight", "--max-train-steps", "3",
                                            "--checkpointing-steps", "100"))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_two_steps_write_a_comfyui_lora_and_resume_is_exact(straight_run, tmp_path, monkeypatch):
@@ -147,17 +116,23 @@ def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_the_printed_command_res
         assert torch.equal(resumed[key], value), key
 
 
-def test_one_step_lowers_the_preferred_images_score(tmp_path):
+def test_one_step_lowers_the_preferred_images_score_and_leaves_the_reference_unchanged(tmp_path):
     """Gradient direction (issue): on a fixed batch and fixed (t, eps), one SGD step on the RankDPO loss lowers
-    s(preferred) - s(rejected) for every group."""
+    s(preferred) - s(rejected) for every group. beta 100 keeps every group's sigmoid out of saturation (at 2500 a
+    group the first step already ordered carries almost no gradient, and the other group's step may move it either
+    way). The reference is the same UNet with the LoRA off: training leaves its weights and its prediction
+    unchanged, to the bit, while the policy's prediction moves."""
     dataset = write_dataset(tmp_path / "data", prompts=2, k=3)
-    config = parse_args(base_arguments(dataset, tmp_path / "out"))
+    config = parse_args(base_arguments(dataset, tmp_path / "out", "--beta", "100"))
+    torch.manual_seed(0)  # the LoRA's random down-projections
     models = trainer.load_models(config)
-    from comfyui_refinery.trainers.rankdpo.data import RankedGroupDataset, collate
-
-    groups = read_groups(dataset)
-    batch = collate([RankedGroupDataset(groups, models.resolution)[index] for index in range(2)])
+    batch = first_batch(models, dataset)
     device = torch.device("cpu")
+    noisy = trainer.noisy_batch(models, batch, config.training.seed, 7, device)
+    with torch.no_grad():
+        reference_before = trainer.reference_prediction(models, noisy, batch["prompts"])
+    base_weights = {name: parameter.detach().clone() for name, parameter in models.base_unet.named_parameters()
+                    if "lora_" not in name}  # the reference's weights: everything but the LoRA
     parameters = [parameter for parameter in models.unet.parameters() if parameter.requires_grad]
     optimizer = torch.optim.SGD(parameters, lr=0.05)
     # a first step moves the LoRA off B = 0, where every s is exactly 0
@@ -175,22 +150,50 @@ def test_one_step_lowers_the_preferred_images_score(tmp_path):
     margin_before = before[:, 0] - before[:, 2]  # best (phi 1) minus worst (phi 0)
     margin_after = after[:, 0] - after[:, 2]
     assert (margin_after < margin_before).all(), (margin_before, margin_after)
-    # the reference is the same UNet with the LoRA off: unchanged by training
-    assert before.abs().max() > 0
+
+    with torch.no_grad():
+        reference_after = trainer.reference_prediction(models, noisy, batch["prompts"])
+        policy_after = trainer.policy_prediction(models, noisy)
+    assert torch.equal(reference_after, reference_before)
+    for name, parameter in models.base_unet.named_parameters():
+        if name in base_weights:
+            assert torch.equal(parameter, base_weights[name]), f"training changed the reference's {name}"
+    assert (policy_after - reference_after).abs().max() > 1e-4  # the LoRA moved: the equality above is not vacuous
 
 
 def test_same_draws_for_every_image_of_a_group(tmp_path):
-    """With the LoRA at zero, policy == reference: s is exactly 0 for every image, which holds only if the reference
-    pass sees the very same noisy latents and timesteps."""
+    """Algorithm 2: one timestep t and one noise eps per prompt group, shared by all k images of the group (other
+    groups draw their own), and the reference pass sees the very same UNet inputs (noisy latents, timesteps,
+    conditioning) as the policy pass. The LoRA is random and non-zero, so the two passes are different functions
+    and every score is non-zero (with B = 0 they are the same function: s = 0 whatever was drawn)."""
     dataset = write_dataset(tmp_path / "data", prompts=2, k=3)
     config = parse_args(base_arguments(dataset, tmp_path / "out"))
     models = trainer.load_models(config)
-    from comfyui_refinery.trainers.rankdpo.data import RankedGroupDataset, collate
+    randomize_lora(models.base_unet, std=0.02)
+    batch = first_batch(models, dataset)
+    device = torch.device("cpu")
+    assert models.noise_scheduler.config.prediction_type == "epsilon"  # the target is eps itself
+    noisy = trainer.noisy_batch(models, batch, 0, 0, device)
+    assert noisy.group_index.tolist() == [0, 0, 0, 1, 1, 1]
+    for rows in (slice(0, 3), slice(3, 6)):
+        assert (noisy.timesteps[rows] == noisy.timesteps[rows][0]).all(), noisy.timesteps
+        for image in range(1, 3):
+            assert torch.equal(noisy.target[rows][image], noisy.target[rows][0])
+    assert not torch.equal(noisy.target[0], noisy.target[3])  # each group draws its own eps
 
-    batch = collate([RankedGroupDataset(read_groups(dataset), models.resolution)[index] for index in range(2)])
-    with torch.no_grad():
-        scores = trainer.batch_scores(models, batch, 0, 0, torch.device("cpu"))
-    assert scores.shape == (6,) and torch.equal(scores, torch.zeros(6))
+    unet_inputs = []
+    hook = models.base_unet.register_forward_pre_hook(
+        lambda module, args, kwargs: unet_inputs.append(args[:3]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            scores = trainer.batch_scores(models, batch, 0, 0, device)
+    finally:
+        hook.remove()
+    (policy_inputs, reference_inputs) = unet_inputs  # one policy pass, one reference pass
+    assert torch.equal(policy_inputs[0], noisy.noisy) and torch.equal(policy_inputs[1], noisy.timesteps)
+    for policy_input, reference_input in zip(policy_inputs, reference_inputs):
+        assert torch.equal(policy_input, reference_input)
+    assert scores.shape == (6,) and (scores.abs() > 0).all(), scores
 
 
 def test_dpo_loss_trains_on_best_and_worst(tmp_path):
@@ -203,16 +206,35 @@ def test_dpo_loss_trains_on_best_and_worst(tmp_path):
     assert metadata["refinery.method"] == "diffusion-dpo"
 
 
-def test_text_encoder_lora_is_exported_and_loads_in_diffusers(tmp_path):
+def test_text_encoder_lora_is_exported_and_loads_in_diffusers(tmp_path, monkeypatch):
+    """--train-text-encoder: the file holds the text encoder's LoRA beside the UNet's, and diffusers'
+    load_lora_weights applies exactly the trained adapter: per module the delta peft merges (scaling B A) of the
+    trained text encoder, hence its text features, which differ from the base encoder's."""
     from comfyui_refinery.trainers.common.model_loading import load_sd_pipeline
 
+    trained, load_models = [], trainer.load_models
+    monkeypatch.setattr(trainer, "load_models", lambda config: trained.append(load_models(config)) or trained[-1])
     dataset = write_dataset(tmp_path / "data", prompts=2, k=2)
     output = run(base_arguments(dataset, tmp_path / "te", "--train-text-encoder", "--max-train-steps", "1",
                                 "--output-name", "with_te"))
     tensors, _ = read_lora(output)
     assert any(key.startswith("lora_te_") for key in tensors) and any(key.startswith("lora_unet_") for key in tensors)
+    text_encoder = trained[0].base_text_encoders[0]
     pipeline = load_sd_pipeline(TINY_SD)
-    pipeline.load_lora_weights(str(output))  # diffusers reads the same file
+    ids = pipeline.tokenizer(["a red circle number 0"], padding="max_length", truncation=True,
+                             max_length=pipeline.tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        base_features = pipeline.text_encoder(ids)[0]
+    pipeline.load_lora_weights(str(output))
+
+    expected, loaded = lora_deltas(text_encoder, "default"), lora_deltas(pipeline.text_encoder, "default_0")
+    assert expected and set(loaded) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(loaded[name], expected[name], rtol=1e-6, atol=1e-8)
+    with torch.no_grad():
+        loaded_features, trained_features = pipeline.text_encoder(ids)[0], text_encoder.eval()(ids)[0]
+    torch.testing.assert_close(loaded_features, trained_features, rtol=1e-5, atol=1e-6)
+    assert (loaded_features - base_features).abs().max() > 1e-4  # the trained adapter changes the features
 
 
 def test_tiny_sdxl_pipeline_trains(tmp_path):

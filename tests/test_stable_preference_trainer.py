@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 
 from comfyui_refinery.benchmarks.toyworld import preference_data
 from comfyui_refinery.trainers.stable_preference import train as trainer
-from tiny_models import TINY_VIT_CONFIG, build_tiny_vit
+from tiny_models import TINY_VIT_CONFIG, build_tiny_vit, torch_threads
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 PAIRS = 8
 
 
@@ -25,14 +26,14 @@ PAIRS = 8
 def setup(tmp_path_factory):
     """(checkpoint, dataset folder): a tiny ViT CLIP with its config beside it, 8 toy pairs at 32 px (the training
     split's format, 2 labels flipped) and the same pairs in the image_0/image_1/label format."""
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("preference")
-    checkpoint = build_tiny_vit(root / "models", "tiny-pref-vit", TINY_VIT_CONFIG, seed=0)
-    preference_data.build_split(root / "pairs", PAIRS, preference_data.TRAIN_SEED_OFFSET, flip_fraction=0.25,
-                                resolution=32)
-    preference_data.build_split(root / "labelled", PAIRS, preference_data.TEST_SEED_OFFSET, label_format=True,
-                                resolution=32)
-    return checkpoint, root / "pairs", root / "labelled"
+    with torch_threads(1):
+        root = tmp_path_factory.mktemp("preference")
+        checkpoint = build_tiny_vit(root / "models", "tiny-pref-vit", TINY_VIT_CONFIG, seed=0)
+        preference_data.build_split(root / "pairs", PAIRS, preference_data.TRAIN_SEED_OFFSET, flip_fraction=0.25,
+                                    resolution=32)
+        preference_data.build_split(root / "labelled", PAIRS, preference_data.TEST_SEED_OFFSET, label_format=True,
+                                    resolution=32)
+        return checkpoint, root / "pairs", root / "labelled"
 
 
 def _args(checkpoint, dataset, output, *extra):
@@ -152,7 +153,10 @@ def test_resume_from_auto_starts_fresh_then_resumes_exactly(setup, full_run, tmp
         trainer.run(_args(checkpoint, dataset, output, "--resume-from", "auto"))
     assert "no checkpoint" in caplog.text and "starting fresh" in caplog.text
     monkeypatch.setattr(trainer, "batch_loss", real_loss)
-    path = trainer.run(_args(checkpoint, dataset, output, "--resume-from", "auto"))
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # --overwrite changes no training: resumed without a warning
+        path = trainer.run(_args(checkpoint, dataset, output, "--resume-from", "auto", "--overwrite"))
+    assert "Resuming with changed options" not in caplog.text
     resumed, reference = load_file(str(path)), load_file(str(full_run[1]))
     assert [key for key in reference if not torch.equal(reference[key], resumed[key])] == []
     # the newest complete checkpoint when a crash came between a first checkpoint and its pointer
@@ -216,6 +220,27 @@ def test_ctrl_c_before_the_first_checkpoint_says_to_run_the_same_command(setup, 
     assert "interrupted after step 0 of 6; no checkpoint was saved yet" in message
     command = shlex.split(message.split("Run the same command again:\n", 1)[1].strip().splitlines()[0])
     assert command[-len(arguments) + 2:] == arguments[:-2]  # the same arguments (an auto/latest resume dropped)
+
+
+def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
+    """The shared loop's guard: a NaN loss in step 3 stops the run with exit status 1, naming the step and the last
+    good checkpoint (step-2); nothing of step 3 is applied and no reward is written."""
+    checkpoint, dataset, _ = setup
+    real_loss = trainer.batch_loss
+
+    def nan_in_step_three(config, model, tokenizer, batch, step, *rest):
+        loss, stats = real_loss(config, model, tokenizer, batch, step, *rest)
+        return (loss * float("nan"), stats) if step == 2 else (loss, stats)
+
+    monkeypatch.setattr(trainer, "batch_loss", nan_in_step_three)
+    output = tmp_path / "nan"
+    with pytest.raises(SystemExit) as error:
+        trainer.main(_args(checkpoint, dataset, output))
+    message = str(error.value.code)
+    assert "The loss became nan at step 3" in message and "a lower --learning-rate" in message
+    assert f"The last good checkpoint is kept in '{output / 'checkpoints' / 'step-2'}'" in message
+    assert (output / "checkpoints" / "latest").read_text().strip() == "step-2"
+    assert not (output / "reward.safetensors").exists()
 
 
 def test_label_format_and_cross_entropy(setup, tmp_path):

@@ -14,22 +14,11 @@ import torch
 from comfyui_refinery.trainers.synpic import generators as synpic_generators
 from comfyui_refinery.trainers.synpic import run as synpic
 from PIL import Image
-from safetensors import safe_open
+from tiny_models import TINY_SD, TOY_CLIP, TOY_MODELS, read_lora
 
-PACK_ROOT = Path(__file__).resolve().parent.parent
-MODELS = PACK_ROOT / "benchmarks" / "toyworld" / "models"
-TINY_SD = MODELS / "tiny-sd"
-TOY_CLIP = MODELS / "toy-clip.safetensors"
+pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["a small red circle on a plain grey background", "a large blue square on a plain black background",
            "a small green star on a plain grey background"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -51,6 +40,20 @@ def read_index(folder: Path) -> list[dict]:
 
 def png_bytes(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted((folder / "images").glob("*"))}
+
+
+def interrupt_drawing(monkeypatch, batch_number: int) -> None:
+    """The ``batch_number``-th pipeline call (1-based) raises KeyboardInterrupt, as Ctrl-C or a kill there would."""
+    original = synpic_generators.draw
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == batch_number:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(synpic, "draw", interrupted)
 
 
 def test_dataset_layout_win_rates_and_scores(prompts_file, tmp_path):
@@ -97,15 +100,7 @@ def test_killed_run_resumes_to_the_same_dataset(prompts_file, tmp_path, monkeypa
     straight = tmp_path / "straight"
     synpic.main(arguments(prompts_file, straight, "--seeds", "2", "--batch-size", "2"))
     original = synpic_generators.draw
-    calls = []
-
-    def killed_on_third_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(synpic, "draw", killed_on_third_batch)
+    interrupt_drawing(monkeypatch, 3)
     resumed = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         synpic.run(arguments(prompts_file, resumed, "--seeds", "2", "--batch-size", "2"))
@@ -186,7 +181,7 @@ def test_bad_prompts_and_rewards(tmp_path, capsys):
         synpic.main(arguments(empty, tmp_path / "out"))
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "a red circle"}\n{"prompt": ""}\nnot json\n')
-    with pytest.raises(SystemExit, match="2 bad line") as caught:
+    with pytest.raises(SystemExit, match=r"2 problem\(s\)") as caught:
         synpic.main(arguments(broken, tmp_path / "out"))
     assert "line 2: needs a non-empty string 'prompt'" in str(caught.value) and "line 3: malformed JSON" in str(
         caught.value)
@@ -224,12 +219,10 @@ def test_unwritable_output_folder(prompts_file, tmp_path):
 def _lora_variants(tmp_path: Path) -> dict[str, Path]:
     """A shipped tiny-sd LoRA relabelled as SDXL, one with other layer shapes (another base model's), and a pickle
     with a .safetensors name."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    shipped = MODELS / "loras" / "rankdpo.safetensors"
-    with safe_open(str(shipped), "pt") as handle:
-        metadata = handle.metadata()
-    tensors = load_file(str(shipped))
+    shipped = TOY_MODELS / "loras" / "rankdpo.safetensors"
+    tensors, metadata = read_lora(shipped)
     variants = {"sdxl": tmp_path / "sdxl-lora.safetensors", "shapes": tmp_path / "other-base.safetensors",
                 "pickle": tmp_path / "pickled.safetensors"}
     save_file(tensors, str(variants["sdxl"]), metadata={**metadata, "refinery.base_family": "sdxl"})
@@ -266,15 +259,7 @@ def test_a_lora_of_another_base_model_is_refused_clearly(prompts_file, tmp_path,
 # ------------------------------------------------------------------------------------------------ console behaviour
 def test_ctrl_c_exits_130_saying_what_is_saved_and_how_to_continue(prompts_file, tmp_path, monkeypatch, capsys):
     original = synpic_generators.draw
-    calls = []
-
-    def interrupted_on_second_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(synpic, "draw", interrupted_on_second_batch)
+    interrupt_drawing(monkeypatch, 2)
     output = tmp_path / "out"
     command = arguments(prompts_file, output, "--seeds", "2", "--batch-size", "2")
     assert synpic.main(command) == 130

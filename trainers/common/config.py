@@ -1,20 +1,24 @@
-"""Shared training options: a frozen, typed dataclass, its command-line flags, checks, and JSON form.
+"""Shared training options: frozen, typed dataclasses, their command-line flags, checks, and JSON form.
 
 Each trainer's own config (``trainers/<method>/config.py``) holds a :class:`TrainingConfig` in its ``training``
 field; :func:`add_training_arguments` registers the flags, :func:`training_config_from_args` builds and checks it
-right after parsing (errors go through ``parser.error``: exit status 2 and the usage line).
+right after parsing (errors go through ``parser.error``: exit status 2 and the usage line). The LoRA trainers'
+configs extend :class:`LoraTrainingOptions` (flags: :func:`add_lora_arguments`; checked and built by
+:func:`lora_config_from_args`). :func:`config_from_args` builds any config dataclass from parsed flags.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
+from ...core.lora_export import FAMILIES
 from .atomic import atomic_write_json
+from .lora import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES
 
+FAMILY_CHOICES = ("auto", *FAMILIES)  # --family: "auto" reads the family from the weights
 LR_SCHEDULERS = ("cosine", "constant")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 CONFIG_FILE = "training_config.json"
@@ -30,6 +34,20 @@ def refuse_existing_output(output: Path, overwrite: bool) -> None:
     if output.exists() and not overwrite:
         raise SetupError(f"'{output}' already exists. Pass --overwrite to replace it, or choose another "
                          f"--output-name / --output-dir.")
+
+
+def check_writable_folder(folder: Path, flag: str = "--output-dir") -> None:
+    """Create ``folder`` and write (and delete) a test file in it; SetupError naming ``flag`` when that fails (a file
+    in the way, no permission, a full disk), before any long work."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise SetupError(f"Cannot write into {flag} '{folder}' ({error.strerror or error}). Choose a writable folder "
+                         f"with free space.") from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,28 +151,18 @@ def training_config_from_args(args: argparse.Namespace, parser: argparse.Argumen
         parser.error(f"--dataloader-num-workers must not be negative, got {args.dataloader_num_workers}.")
     if args.output_dir.exists() and not args.output_dir.is_dir():
         parser.error(f"--output-dir '{args.output_dir}' exists and is not a folder.")
-    return TrainingConfig(
-        output_dir=args.output_dir,
-        seed=args.seed,
-        max_train_steps=args.max_train_steps,
-        train_batch_size=args.train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
-        adam_epsilon=args.adam_epsilon,
-        max_grad_norm=args.max_grad_norm,
-        lr_scheduler=args.lr_scheduler,
-        lr_warmup_steps=warmup,
-        checkpointing_steps=args.checkpointing_steps,
-        checkpoints_total_limit=None if not limit else limit,
-        resume_from=args.resume_from,
-        mixed_precision=args.mixed_precision,
-        threads=args.threads,
-        dataloader_num_workers=args.dataloader_num_workers,
-        log_every=args.log_every,
-    )
+    return config_from_args(TrainingConfig, args, lr_warmup_steps=warmup,
+                            checkpoints_total_limit=None if not limit else limit)
+
+
+def config_from_args(config_class: type, args: argparse.Namespace, **values: Any) -> Any:
+    """``config_class(**values)`` (a config dataclass), every other init field taken from the parsed argument of the
+    same name (a list as a tuple); fields without such an argument keep their defaults."""
+    for field in dataclasses.fields(config_class):
+        if field.init and field.name not in values and hasattr(args, field.name):
+            value = getattr(args, field.name)
+            values[field.name] = tuple(value) if isinstance(value, list) else value
+    return config_class(**values)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -172,13 +180,9 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return plain(config)
 
 
-def config_json(config: Any) -> str:
-    """Compact, key-sorted JSON of :func:`config_to_dict` (used in safetensors metadata)."""
-    return json.dumps(config_to_dict(config), sort_keys=True)
-
-
 def write_config(config: Any, output_dir: str | Path) -> Path:
-    """Write ``<output_dir>/training_config.json`` atomically. Returns its path."""
+    """Write ``<output_dir>/training_config.json`` (a config dataclass or its :func:`config_to_dict` form)
+    atomically. Returns its path."""
     return atomic_write_json(Path(output_dir) / CONFIG_FILE, config_to_dict(config))
 
 
@@ -194,14 +198,49 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
     return names
 
 
-def add_lora_arguments(parser: argparse.ArgumentParser, *, output_name: str, gradient_checkpointing: bool,
-                       checkpointing_help: str, text_encoder_help: str = "also train a LoRA on the text encoder(s)",
-                       rank_help: str = "LoRA rank r >= 1") -> None:
-    """The LoRA and output flags every LoRA trainer shares (``--rank``, ``--lora-alpha``, ``--lora-dropout``, target
-    modules, ``--train-text-encoder``, ``--gradient-checkpointing``, ``--output-name``, ``--overwrite``); checked by
-    :func:`check_lora_arguments`. gradient_checkpointing: the default (True: a ``--no-...`` flag turns it off)."""
-    from .lora import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraTrainingOptions:
+    """What every LoRA trainer (RankDPO, Focus-N-Fix) shares, i.e. what ``sd_models.load_models`` and
+    ``check_output`` read; each trainer's config extends it (keyword-only fields).
 
+    model: the base model, a diffusers folder or a single-file SD1.5/SDXL ``.safetensors``; family: "auto" or the
+    family it must be (:data:`FAMILY_CHOICES`). resolution: side in pixels (None: the model's native size). rank
+    >= 1, lora_alpha > 0 (None: the rank, i.e. scale 1), lora_dropout in [0, 1), target_modules: UNet module name
+    suffixes with a LoRA; train_text_encoder with text_encoder_target_modules. gradient_checkpointing: recompute
+    activations in the backward pass. output_name: the LoRA's file name (no extension) in ``training.output_dir``;
+    overwrite: replace an existing one.
+    """
+
+    model: Path
+    family: str = "auto"
+    resolution: int | None = None
+    rank: int = 8
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = UNET_TARGET_MODULES
+    train_text_encoder: bool = False
+    text_encoder_target_modules: tuple[str, ...] = TEXT_ENCODER_TARGET_MODULES
+    gradient_checkpointing: bool = False
+    output_name: str = "lora"
+    overwrite: bool = False
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser, model_group: argparse._ArgumentGroup, *,
+                       resolution_help: str, output_name: str, gradient_checkpointing: bool, checkpointing_help: str,
+                       text_encoder_help: str = "also train a LoRA on the text encoder(s)",
+                       rank_help: str = "LoRA rank r >= 1") -> None:
+    """The flags of :class:`LoraTrainingOptions`: ``--model``, ``--family``, ``--resolution`` (on ``model_group``),
+    then groups with ``--rank``, ``--lora-alpha``, ``--lora-dropout``, target modules, ``--train-text-encoder``,
+    ``--gradient-checkpointing``, ``--output-name``, ``--overwrite``; checked by :func:`lora_config_from_args`.
+    resolution_help: what the side is ("training side in pixels"); gradient_checkpointing: the default (True: a
+    ``--no-...`` flag turns it off)."""
+    model_group.add_argument("--model", type=Path, required=True,
+                             help="base model: a diffusers folder, or a single-file SD1.5/SDXL .safetensors "
+                             "(ComfyUI's models/checkpoints/)")
+    model_group.add_argument("--family", choices=FAMILY_CHOICES, default="auto",
+                             help="the model family it must be (auto: read it from the weights)")
+    model_group.add_argument("--resolution", type=int, default=None,
+                             help=f"{resolution_help} (default: the model's native size); a multiple of 8")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--rank", type=int, default=8, help=rank_help)
     lora.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
@@ -221,10 +260,16 @@ def add_lora_arguments(parser: argparse.ArgumentParser, *, output_name: str, gra
     output.add_argument("--overwrite", action="store_true", help="replace an existing <output-name>.safetensors")
 
 
-def check_lora_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """``parser.error`` for a bad value of :func:`add_lora_arguments`' flags or of ``--resolution``."""
+def lora_config_from_args(config_class: type, args: argparse.Namespace, parser: argparse.ArgumentParser,
+                          **values: Any) -> Any:
+    """A LoRA trainer's config (a :class:`LoraTrainingOptions` subclass) from parsed ``args``: the training flags
+    (:func:`training_config_from_args`) and :func:`add_lora_arguments`' flags checked (``parser.error`` on a bad
+    value, a ``--model`` that does not exist included), then :func:`config_from_args` with ``values``."""
     import os
 
+    training = training_config_from_args(args, parser)
+    if not args.model.exists():
+        parser.error(f"--model '{args.model}' does not exist: pass a diffusers folder or a single-file checkpoint.")
     if args.rank < 1:
         parser.error(f"--rank must be a positive integer, got {args.rank}.")
     if args.lora_alpha is not None and not args.lora_alpha > 0:
@@ -236,3 +281,4 @@ def check_lora_arguments(args: argparse.Namespace, parser: argparse.ArgumentPars
     name = args.output_name
     if not name or os.sep in name or "/" in name or name.startswith(".") or name.endswith(".safetensors"):
         parser.error(f"--output-name must be a plain file name without folders or extension, got {name!r}.")
+    return config_from_args(config_class, args, training=training, **values)

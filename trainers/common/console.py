@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import LATEST, CheckpointError, checkpoints_dir, list_checkpoints, read_trainer_state
+from .config import SetupError
+from .data import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,8 @@ EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 RESUME_FLAG = "--resume-from"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# what every trainer reports as an unusable input (exit status 1 with the message, no traceback)
+USER_ERRORS = (DatasetError, CheckpointError, SetupError)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -183,14 +187,15 @@ def interrupt_message(prog: str, module: str, arguments: Sequence[str], interrup
 
 
 def run_console(prog: str, module: str, run: Callable[[list[str] | None], Path], input_args: list[str] | None,
-                errors: tuple[type[BaseException], ...]) -> int:
-    """A trainer's ``main()``: logging to stderr, ``run(input_args)``; ``errors`` exit with status 1 and the message
-    (SystemExit), Ctrl-C prints :func:`interrupt_message` and returns 130, success returns 0."""
+                errors: tuple[type[BaseException], ...] = ()) -> int:
+    """A trainer's ``main()``: logging to stderr, ``run(input_args)``; an unusable input (:data:`USER_ERRORS`, and
+    ``errors``) exits with status 1 and the message (SystemExit), Ctrl-C prints :func:`interrupt_message` and
+    returns 130, success returns 0."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     arguments = list(sys.argv[1:] if input_args is None else input_args)
     try:
         run(arguments)
-    except errors as error:
+    except (*USER_ERRORS, *errors) as error:
         raise SystemExit(f"{prog}: error: {error}") from error
     except KeyboardInterrupt as interrupt:
         if is_main_process():

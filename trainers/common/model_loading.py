@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+from ...core.lora_export import FAMILIES
+
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("sd15", "sdxl")
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 TOKENIZER_RECIPE = "clip-bpe-open_clip-v1"  # part of the cache key: change it when the tokenizer files change
 UNET_PREFIX = "model.diffusion_model."

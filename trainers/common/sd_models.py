@@ -2,26 +2,24 @@
 offline, freeze it, add the LoRA(s) (``lora.py``), encode prompts as diffusers' training scripts do, and check the
 output file before any long work.
 
-A trainer's config only needs the fields :func:`load_models` and :func:`check_output` read: ``model``, ``family``,
-``rank``, ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``train_text_encoder``,
-``text_encoder_target_modules``, ``gradient_checkpointing``, ``resolution``, ``output_name``, ``overwrite`` and
-``training.output_dir``.
+A trainer's config only needs the fields :func:`load_models` and :func:`check_output` read: those of
+``config.LoraTrainingOptions`` (which the LoRA trainers' configs extend) and ``training.output_dir``.
 """
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .config import SetupError, refuse_existing_output
+from .config import SetupError, check_writable_folder, refuse_existing_output
 from .lora import add_lora, set_gradient_checkpointing
+from .loop import Optimization
 from .model_loading import UnsupportedModelError, detect_family, load_sd_pipeline, pipeline_family
 
 __all__ = ["SetupError", "TrainingModels", "load_models", "encode_prompts", "expand_conditioning", "output_path",
-           "check_output", "PreparedTraining", "prepare_lora_training", "resume_training", "export_trained_lora"]
+           "check_output", "PreparedTraining", "prepare_lora_training", "export_trained_lora"]
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -125,14 +123,7 @@ def check_output(config) -> Path:
     long work. Returns the LoRA's path."""
     output = output_path(config)
     refuse_existing_output(output, config.overwrite)
-    folder = config.training.output_dir
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise SetupError(f"Cannot write into --output-dir '{folder}' ({error.strerror or error}). Choose a writable "
-                         f"folder with free space.") from error
+    check_writable_folder(config.training.output_dir)
     return output
 
 
@@ -143,18 +134,14 @@ def output_path(config) -> Path:
 
 # ------------------------------------------------------------------------------------------------ training set-up
 @dataclass
-class PreparedTraining:
-    """What a LoRA trainer's loop needs after :func:`prepare_lora_training`: ``trained`` (the plain modules with
-    LoRA weights: the UNet, then the text encoders when trained), ``wrapped`` (the same, accelerate-prepared, to
-    run and ``accumulate``), the prepared ``optimizer`` / ``scheduler``, the trainable tensors' ``names`` per module,
-    the trainable ``parameters`` (for clipping) and the ``weight_dtype`` the frozen weights run in."""
+class PreparedTraining(Optimization):
+    """What a LoRA trainer's loop needs after :func:`prepare_lora_training`: the :class:`~.loop.Optimization`
+    (``modules``: the UNet, then the text encoders when trained, accelerate-prepared; the prepared ``optimizer`` /
+    ``scheduler``; the trainable ``parameters``), plus ``trained`` (the same modules unwrapped), the trainable
+    tensors' ``names`` per module and the ``weight_dtype`` the frozen weights run in."""
 
     trained: list
-    wrapped: list
-    optimizer: object
-    scheduler: object
     names: list
-    parameters: list
     weight_dtype: torch.dtype
 
 
@@ -189,25 +176,7 @@ def prepare_lora_training(config, models: TrainingModels, accelerator) -> Prepar
         file_name = "trainable_unet.safetensors" if index == 0 else f"trainable_text_encoder_{index}.safetensors"
         register_trainable_state_hooks(accelerator, module, module_names, file_name)
     parameters = [parameter for module in trained for parameter in module.parameters() if parameter.requires_grad]
-    return PreparedTraining(trained, wrapped, optimizer, scheduler, names, parameters, weight_dtype)
-
-
-def resume_training(accelerator, checkpoint, config_dict: dict) -> int:
-    """Load ``checkpoint`` (None: a fresh run) into the prepared objects; warn about options that differ from the
-    checkpoint's run. Returns the optimiser step to continue from."""
-    import logging
-
-    from .checkpoint import load_checkpoint
-    from .config import config_differences
-
-    if checkpoint is None:
-        return 0
-    state = load_checkpoint(accelerator, checkpoint)
-    changed = [line for line in config_differences(state.get("config", {}), config_dict)
-               if not line.startswith(("training.resume_from", "overwrite"))]
-    if changed:
-        logging.getLogger(__name__).warning("Resuming with changed options: %s", "; ".join(changed))
-    return int(state["step"])
+    return PreparedTraining(wrapped, optimizer, scheduler, parameters, trained, names, weight_dtype)
 
 
 def export_trained_lora(output: Path, config, models: TrainingModels, method: str, config_dict: dict,

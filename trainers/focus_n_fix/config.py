@@ -9,50 +9,41 @@ it weighs a Frobenius norm of pixel differences in [0, 1] against the reward's o
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...core.focus_n_fix import NORMALIZATIONS, RegionSettings
 from ...core.rewards.loading import REWARD_KINDS
-from ..common.config import (
-    TrainingConfig,
-    add_lora_arguments,
-    add_training_arguments,
-    check_lora_arguments,
-    training_config_from_args,
-)
-from ..common.lora import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES
+from ..common.config import (LoraTrainingOptions, TrainingConfig, add_lora_arguments, add_training_arguments,
+                             lora_config_from_args)
 
 REGIONS = ("saliency", "quality-maps", "full")
 SCHEDULERS = ("ddim", "pipeline")
-FAMILIES = ("auto", "sd15", "sdxl")
 
 
 @dataclass(frozen=True)
-class FocusNFixConfig:
-    """Everything one run depends on (written to ``training_config.json`` and the LoRA's metadata).
+class FocusNFixConfig(LoraTrainingOptions):
+    """Everything one run depends on (written to ``training_config.json`` and the LoRA's metadata): the LoRA
+    options (``common/config.LoraTrainingOptions``: model, family, resolution, rank, ...) and these.
 
-    prompts: a .txt (one prompt per line) or .jsonl ({"prompt": ...}) file. model: diffusers folder or single-file
-    SD1.5/SDXL checkpoint. reward / reward_kind: the differentiable reward r (a file or folder ``core/rewards``
-    loads). beta >= 0: weight of the regional constraint (0 = DRaFT). truncate_k: DRaFT-K's K, 1 <= K <=
-    sampling_steps. region: "saliency" (|dr/dI| of ``region_reward`` or of r), "quality-maps" (G-Refine's
-    1 - P + A from ``quality_clip`` + ``quality_prompts``) or "full" (all ones: no constraint). region_settings:
-    the mask post-processing. mask_samples: reference / mask / generated images saved per sample step.
+    prompts: a .txt (one prompt per line) or .jsonl ({"prompt": ...}) file. reward / reward_kind: the
+    differentiable reward r (a file or folder ``core/rewards`` loads). beta >= 0: weight of the regional constraint
+    (0 = DRaFT). truncate_k: DRaFT-K's K, 1 <= K <= sampling_steps. region: "saliency" (|dr/dI| of
+    ``region_reward`` or of r), "quality-maps" (G-Refine's 1 - P + A from ``quality_clip`` + ``quality_prompts``)
+    or "full" (all ones: no constraint). region_settings: the mask post-processing. mask_samples: reference / mask /
+    generated images saved per sample step.
     """
 
     prompts: Path
-    model: Path
     reward: Path
     training: TrainingConfig
     reward_kind: str = "auto"
-    family: str = "auto"
     beta: float = 1.0
     truncate_k: int = 2
     sampling_steps: int = 50
     guidance_scale: float = 7.5
     scheduler: str = "ddim"
     eta: float = 0.0
-    resolution: int | None = None
     region: str = "saliency"
     region_reward: Path | None = None
     region_reward_kind: str = "auto"
@@ -61,15 +52,8 @@ class FocusNFixConfig:
     quality_prompts: Path | None = None
     region_settings: RegionSettings = RegionSettings()
     mask_samples: int = 4
-    rank: int = 8
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = UNET_TARGET_MODULES
-    train_text_encoder: bool = False
-    text_encoder_target_modules: tuple[str, ...] = TEXT_ENCODER_TARGET_MODULES
-    gradient_checkpointing: bool = True
-    output_name: str = "focus_n_fix_lora"
-    overwrite: bool = False
+    gradient_checkpointing: bool = field(default=True, kw_only=True)
+    output_name: str = field(default="focus_n_fix_lora", kw_only=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,16 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("prompts, model and reward")
     data.add_argument("--prompts", type=Path, required=True,
                       help='prompts: a .txt (one per line; blank and "#" lines skipped) or .jsonl ({"prompt": ...})')
-    data.add_argument("--model", type=Path, required=True,
-                      help="base model: a diffusers folder, or a single-file SD1.5/SDXL .safetensors (ComfyUI's "
-                      "models/checkpoints/)")
-    data.add_argument("--family", choices=FAMILIES, default="auto")
     data.add_argument("--reward", type=Path, required=True,
                       help="the differentiable reward r to maximise: a reward file or folder (CLIPScore, HPSv2, "
                       "PickScore, aesthetic head, or a refinery-train-preference output)")
     data.add_argument("--reward-kind", choices=("auto", *REWARD_KINDS), default="auto")
-    data.add_argument("--resolution", type=int, default=None,
-                      help="generation side in pixels (default: the model's native size); a multiple of 8")
     method = parser.add_argument_group("method")
     method.add_argument("--beta", type=float, default=1.0,
                         help="weight of the regional constraint ||(1 - M) (I_0 - I)||_F (pixels in [0, 1], norm over "
@@ -136,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     region.add_argument("--dilation", type=int, default=defaults.dilation, help="dilation radius in pixels at 512 px")
     region.add_argument("--mask-samples", type=int, default=4,
                         help="images saved to <output-dir>/masks/ at step 1 and at every checkpoint (0: none)")
-    add_lora_arguments(parser, output_name="focus_n_fix_lora", gradient_checkpointing=True,
-                       checkpointing_help="recompute UNet and VAE-decoder activations in the backward pass (default "
-                       "on)", rank_help="LoRA rank r >= 1 (paper: 64)")
+    add_lora_arguments(parser, data, resolution_help="generation side in pixels", output_name="focus_n_fix_lora",
+                       gradient_checkpointing=True, checkpointing_help="recompute UNet and VAE-decoder activations in "
+                       "the backward pass (default on)", rank_help="LoRA rank r >= 1 (paper: 64)")
     add_training_arguments(parser, learning_rate=1e-4, weight_decay=1e-2, train_batch_size=2, max_train_steps=1000,
                            checkpointing_steps=100)
     return parser
@@ -150,7 +128,6 @@ def parse_args(input_args: list[str] | None = None) -> FocusNFixConfig:
     differentiability and the output folder are checked by the trainer before any long work."""
     parser = build_parser()
     args = parser.parse_args(input_args)
-    training = training_config_from_args(args, parser)
     if args.sampling_steps < 1:
         parser.error(f"--sampling-steps must be at least 1, got {args.sampling_steps}.")
     if not 1 <= args.truncate_k <= args.sampling_steps:
@@ -162,10 +139,9 @@ def parse_args(input_args: list[str] | None = None) -> FocusNFixConfig:
         parser.error(f"--guidance-scale must be >= 1 (1 = no classifier-free guidance), got {args.guidance_scale}.")
     if not 0 <= args.eta <= 1:
         parser.error(f"--eta must be in [0, 1], got {args.eta}.")
-    check_lora_arguments(args, parser)
     if args.mask_samples < 0:
         parser.error(f"--mask-samples must be >= 0, got {args.mask_samples}.")
-    for flag, path in (("--prompts", args.prompts), ("--model", args.model), ("--reward", args.reward),
+    for flag, path in (("--prompts", args.prompts), ("--reward", args.reward),
                        ("--region-reward", args.region_reward), ("--quality-clip", args.quality_clip),
                        ("--quality-prompts", args.quality_prompts)):
         if path is not None and not path.exists():
@@ -183,15 +159,4 @@ def parse_args(input_args: list[str] | None = None) -> FocusNFixConfig:
                                          max_regions=args.max_regions, dilation=args.dilation)
     except ValueError as error:
         parser.error(f"bad mask option: {error}")
-    return FocusNFixConfig(
-        prompts=args.prompts, model=args.model, reward=args.reward, training=training, reward_kind=args.reward_kind,
-        family=args.family, beta=args.beta, truncate_k=args.truncate_k, sampling_steps=args.sampling_steps,
-        guidance_scale=args.guidance_scale, scheduler=args.scheduler, eta=args.eta, resolution=args.resolution,
-        region=args.region, region_reward=args.region_reward, region_reward_kind=args.region_reward_kind,
-        quality_clip=args.quality_clip, quality_architecture=args.quality_architecture,
-        quality_prompts=args.quality_prompts, region_settings=region_settings, mask_samples=args.mask_samples,
-        rank=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        target_modules=tuple(args.target_modules), train_text_encoder=args.train_text_encoder,
-        text_encoder_target_modules=tuple(args.text_encoder_target_modules),
-        gradient_checkpointing=args.gradient_checkpointing, output_name=args.output_name, overwrite=args.overwrite,
-    )
+    return lora_config_from_args(FocusNFixConfig, args, parser, region_settings=region_settings)

@@ -22,39 +22,25 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from ...core import focus_n_fix
 from ...core.focus_n_fix import NotDifferentiableError
 from ...core.visualize import heatmap_overlay
+from ..common import sd_models
 from ..common.accelerate_setup import make_accelerator, seed_for_step
-from ..common.checkpoint import (
-    CheckpointError,
-    resume_point,
-    save_checkpoint,
-)
-from ..common.config import config_to_dict, write_config
+from ..common.checkpoint import resume_point
+from ..common.config import config_to_dict
 from ..common.console import TrainingInterrupted, TrainingRun, run_console
-from ..common.data import DatasetError, StepBatchSampler
+from ..common.data import read_prompts, save_png
 from ..common.lora import adapters_disabled, set_gradient_checkpointing
-from ..common.sd_models import (
-    SetupError,
-    TrainingModels,
-    check_output,
-    encode_prompts,
-    export_trained_lora,
-    load_models,
-    prepare_lora_training,
-    resume_training,
-)
+from ..common.loop import StepOutput, make_step_sampler, run_training_loop
+from ..common.sd_models import SetupError, TrainingModels, encode_prompts, load_models
 from .config import FocusNFixConfig, parse_args
 
 logger = logging.getLogger(__name__)
@@ -85,7 +71,7 @@ def reward_function(reward) -> Reward:
 
 class QualityMapRegions:
     """Region heatmap (a): G-Refine's defect map ``1 - P + A`` of the reference images (PQ-Map with the given
-    quality prompts, AQ-Map against each prompt), from one quality-model forward."""
+    quality prompts, AQ-Map against each prompt; ``core/quality_maps.py``), from one quality-model forward."""
 
     def __init__(self, encoder, quality_prompts=None):
         from ...core import pq_map
@@ -93,16 +79,14 @@ class QualityMapRegions:
         self.encoder = encoder
         prompts = quality_prompts if quality_prompts is not None else pq_map.text_quality_prompts()
         with torch.no_grad():
-            self.prompt_features = pq_map.encode_quality_prompts(encoder, prompts)
+            self.prompt_features = pq_map.encode_quality_prompts(encoder, prompts)  # (4, 2, D), encoded once
 
-    @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        from ...core import aq_map, pq_map
+        from ...core.quality_maps import compute_quality_maps
 
-        features = self.encoder.encode_image(images.float())
-        perceptual = pq_map.perceptual_quality(features, self.prompt_features, self.encoder.logit_scale)
-        alignment = aq_map.alignment_quality(self.encoder, features, list(prompts))
-        return focus_n_fix.quality_map_heatmap(perceptual.map, alignment.map).to(images.device)
+        maps = compute_quality_maps(self.encoder, images.float(), quality_prompts=self.prompt_features,
+                                    prompt=list(prompts))
+        return focus_n_fix.quality_map_heatmap(maps.perceptual_map, maps.alignment_map)
 
 
 def make_region_function(config: FocusNFixConfig, reward, device: torch.device) -> Callable:
@@ -257,22 +241,14 @@ def training_step(config: FocusNFixConfig, models: TrainingModels, reward: Rewar
 
 # ------------------------------------------------------------------------------------------------ outputs
 def save_mask_samples(result: StepResult, folder: Path, step: int, count: int) -> Path:
-    """``folder/step-<n>.png``: one row per image, reference | mask over the reference | generated; written to a
-    temporary name, then renamed."""
-    from PIL import Image
-
+    """``folder/step-<n>.png``: one row per image, reference | mask over the reference | generated; written
+    atomically."""
     rows = []
     for index in range(min(count, result.reference.shape[0])):
         reference = result.reference[index : index + 1].cpu()
         overlay = heatmap_overlay(reference, result.mask[index : index + 1].cpu().float(), opacity=0.5)
         rows.append(torch.cat([reference[0], overlay[0], result.generated[index].cpu()], dim=1))  # (H, 3W, 3)
-    picture = (torch.cat(rows, dim=0).numpy() * 255).round().astype(np.uint8)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{step:06d}.png"
-    temporary = path.with_name(path.name + ".tmp")
-    Image.fromarray(picture).save(temporary, format="PNG")
-    temporary.replace(path)
-    return path
+    return save_png(torch.cat(rows, dim=0), folder / f"step-{step:06d}.png")
 
 
 def _warn_masks(states: list[str], step: int, warned: set[str]) -> None:
@@ -290,15 +266,6 @@ def _warn_masks(states: list[str], step: int, warned: set[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ run
-def read_training_prompts(path: Path) -> list[str]:
-    from ..synpic.run import SynPicError, read_prompts
-
-    try:
-        return read_prompts(path)
-    except SynPicError as error:
-        raise SetupError(str(error)) from error
-
-
 def train(config: FocusNFixConfig, reward=None, region_function: Callable | None = None) -> Path:
     """Run the training described by ``config``. Prompts, output folder, checkpoint, model and reward are checked
     first; nothing is written before they are known good. Returns the path of the LoRA.
@@ -313,11 +280,9 @@ def train(config: FocusNFixConfig, reward=None, region_function: Callable | None
 
 
 def _train(config: FocusNFixConfig, reward, region_function: Callable | None, training_run: TrainingRun) -> Path:
-    from tqdm.auto import tqdm
-
     training = config.training
-    prompts = read_training_prompts(config.prompts)
-    output = check_output(config)
+    prompts = read_prompts(config.prompts)
+    output = sd_models.check_output(config)
     resume, _ = resume_point(training.output_dir, training.resume_from, training.max_train_steps)
     accelerator = make_accelerator(training)
     device = accelerator.device
@@ -331,84 +296,38 @@ def _train(config: FocusNFixConfig, reward, region_function: Callable | None, tr
     models = load_models(config)
     if config.gradient_checkpointing:
         set_gradient_checkpointing(models.vae, True)
-    accumulation = training.gradient_accumulation_steps
-    try:
-        sampler = StepBatchSampler(len(prompts), training.train_batch_size, training.seed, 0,
-                                   training.max_train_steps * accumulation, accelerator.num_processes,
-                                   accelerator.process_index, item_name="prompts")
-    except ValueError as error:
-        raise SetupError(str(error)) from error
-    prepared = prepare_lora_training(config, models, accelerator)
-    wrapped, optimizer, scheduler = prepared.wrapped, prepared.optimizer, prepared.scheduler
-    weight_dtype, parameters = prepared.weight_dtype, prepared.parameters
+    sampler = make_step_sampler(training, accelerator, len(prompts), "prompts")
+    prepared = sd_models.prepare_lora_training(config, models, accelerator)
     config_dict = config_to_dict(config) | {"reward_name": reward_name}
-    if accelerator.is_main_process:
-        write_config(config, training.output_dir)
     logger.info("%d prompts, family %s, resolution %d, reward %s, beta %g, K %d of %d steps, region %s",
                 len(prompts), models.family, models.resolution, reward_name, config.beta, config.truncate_k,
                 config.sampling_steps, config.region)
-
-    step = resume_training(accelerator, resume, config_dict)
-    sampler.start = step * accumulation
-    loader = DataLoader(prompts, batch_sampler=sampler, collate_fn=list, num_workers=training.dataloader_num_workers)
-    progress = tqdm(total=training.max_train_steps, initial=step, desc="focus-n-fix" if config.beta else "draft",
-                    disable=not accelerator.is_local_main_process)
-    for module in wrapped:
-        module.train()
     warned: set[str] = set()
-    micro_index = sampler.start
-    training_run.step = step
 
-    def checkpoint():
-        return save_checkpoint(accelerator, training.output_dir, step, {"config": config_dict},
-                               training.checkpoints_total_limit)
+    def step_function(batch_prompts: list[str], micro_index: int, step: int) -> StepOutput:
+        result = training_step(config, models, score, region_function, batch_prompts, micro_index, device,
+                               prepared.weight_dtype)
+        if config.beta > 0:
+            _warn_masks(result.mask_states, step + 1, warned)
+        return StepOutput(result.loss, result.stats, result)
 
-    with training_run.stop_at_step_boundary(), progress:  # the bar is closed before any message
-        for batch_prompts in loader:
-            with accelerator.accumulate(*wrapped):
-                with accelerator.autocast():
-                    result = training_step(config, models, score, region_function, batch_prompts, micro_index,
-                                           device, weight_dtype)
-                if not math.isfinite(result.stats["loss"]):
-                    raise SetupError(
-                        f"The loss became {result.stats['loss']} at step {step + 1} (reward "
-                        f"{result.stats['reward']}, constraint {result.stats['constraint']}); nothing of this step "
-                        f"was applied and no LoRA was written. The last good checkpoint is kept in "
-                        f"'{training.output_dir}/checkpoints' (resume from it with a lower --learning-rate, or fix "
-                        f"the reward).")
-                accelerator.backward(result.loss)
-                if accelerator.sync_gradients and training.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(parameters, training.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_index += 1
-            if config.beta > 0:
-                _warn_masks(result.mask_states, step + 1, warned)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-            progress.set_postfix(reward=f"{result.stats['reward']:.4g}",
-                                 constraint=f"{result.stats['constraint']:.3g}")
-            if accelerator.is_main_process and config.mask_samples and (
-                    step == 1 or step % training.checkpointing_steps == 0):
-                save_mask_samples(result, training.output_dir / "masks", step, config.mask_samples)
-            if step % training.log_every == 0:
-                logger.info("step %d: %s, lr %.3g", step, ", ".join(f"{k} {v:.4g}" for k, v in result.stats.items()),
-                            scheduler.get_last_lr()[0])
-            saved = step % training.checkpointing_steps == 0
-            if saved:
-                checkpoint()
-            training_run.stop_if_requested(accelerator, step, checkpoint, saved)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        export_trained_lora(output, config, models, "focus-n-fix" if config.beta else "draft-k", config_dict,
-                            {"refinery.beta": config.beta, "refinery.truncate_k": config.truncate_k,
-                             "refinery.reward": reward_name, "refinery.resolution": models.resolution,
-                             "refinery.steps": step})
+    def save_masks(step: int, output: StepOutput) -> None:
+        if accelerator.is_main_process and config.mask_samples and (
+                step == 1 or step % training.checkpointing_steps == 0):
+            save_mask_samples(output.details, training.output_dir / "masks", step, config.mask_samples)
+
+    def export(step: int) -> None:
+        metadata = {"refinery.beta": config.beta, "refinery.truncate_k": config.truncate_k,
+                    "refinery.reward": reward_name, "refinery.resolution": models.resolution, "refinery.steps": step}
+        sd_models.export_trained_lora(output, config, models, "focus-n-fix" if config.beta else "draft-k",
+                                      config_dict, metadata)
         logger.info("Saved the LoRA to %s", output)
-    accelerator.end_training()
+
+    run_training_loop(accelerator, training_run, training, prepared, step_function, dataset=prompts, collate_fn=list,
+                      sampler=sampler, resume=resume, config_dict=config_dict, export=export,
+                      description="focus-n-fix" if config.beta else "draft",
+                      progress_stats={"reward": "reward", "constraint": "constraint"},
+                      nan_advice="a lower --learning-rate, or a fixed reward", after_step=save_masks)
     return output
 
 
@@ -422,8 +341,7 @@ def main(input_args: list[str] | None = None) -> int:
     """Console entry point; returns the exit status. 0: the LoRA is written; 1: unusable prompts, model, reward,
     checkpoint or output folder (a message, before anything is written), or a NaN loss (with the step); 2: a bad
     flag; 130: Ctrl-C (a checkpoint is saved, and the command that resumes is printed)."""
-    return run_console(PROG, __spec__.name if __spec__ else __name__, run, input_args,
-                       (DatasetError, CheckpointError, SetupError, NotDifferentiableError))
+    return run_console(PROG, __spec__.name if __spec__ else __name__, run, input_args, (NotDifferentiableError,))
 
 
 if __name__ == "__main__":

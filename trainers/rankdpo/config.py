@@ -7,54 +7,35 @@ attention projections, AdamW lr 1e-5 with 5 % warm-up and cosine decay, batch of
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...core.rankdpo import DEFAULT_BETA, DISCOUNT_RANKS
-from ..common.config import (
-    TrainingConfig,
-    add_lora_arguments,
-    add_training_arguments,
-    check_lora_arguments,
-    training_config_from_args,
-)
-from ..common.lora import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES
+from ..common.config import (LoraTrainingOptions, TrainingConfig, add_lora_arguments, add_training_arguments,
+                             lora_config_from_args)
+from ..common.data import INDEX_FILE, dataset_file
 
 LOSSES = ("rankdpo", "dpo")
-INDEX_FILE = "index.jsonl"
-FAMILIES = ("auto", "sd15", "sdxl")
 
 
 @dataclass(frozen=True)
-class RankDPOConfig:
-    """Everything one run depends on (written to ``training_config.json`` and the LoRA's metadata).
+class RankDPOConfig(LoraTrainingOptions):
+    """Everything one run depends on (written to ``training_config.json`` and the LoRA's metadata): the LoRA
+    options (``common/config.LoraTrainingOptions``: model, family, resolution, rank, ...) and these.
 
-    dataset: a Syn-Pic folder holding ``index.jsonl`` (``refinery-synpic``), or the ``.jsonl`` itself.
-    model: the base model, a diffusers folder or a single-file SD1.5/SDXL ``.safetensors``; family: "auto" or the
-    family it must be. loss: "rankdpo" (eq. 7 with DCG weights over all k images of a prompt) or "dpo" (pairwise
-    Diffusion-DPO on the best and the worst image of each prompt: k = 2, Delta = 1). dcg_ranks: what the DCG
-    discount ranks by, "model" (the current scores, sec. 3.3) or "labels" (phi, Algorithm 2). beta: > 0, in
-    ``core/rankdpo.py``'s scale. resolution: training side in pixels (None: the model's native size); images are
-    resized (shorter side) and centre-cropped to it.
+    dataset: a Syn-Pic folder holding ``index.jsonl`` (``refinery-synpic``), or the ``.jsonl`` itself. loss:
+    "rankdpo" (eq. 7 with DCG weights over all k images of a prompt) or "dpo" (pairwise Diffusion-DPO on the best
+    and the worst image of each prompt: k = 2, Delta = 1). dcg_ranks: what the DCG discount ranks by, "model" (the
+    current scores, sec. 3.3) or "labels" (phi, Algorithm 2). beta: > 0, in ``core/rankdpo.py``'s scale. Images
+    are resized (shorter side) and centre-cropped to the resolution.
     """
 
     dataset: Path
-    model: Path
     training: TrainingConfig
-    family: str = "auto"
     loss: str = "rankdpo"
     dcg_ranks: str = "model"
     beta: float = DEFAULT_BETA
-    resolution: int | None = None
-    rank: int = 8
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = UNET_TARGET_MODULES
-    train_text_encoder: bool = False
-    text_encoder_target_modules: tuple[str, ...] = TEXT_ENCODER_TARGET_MODULES
-    gradient_checkpointing: bool = False
-    output_name: str = "rankdpo_lora"
-    overwrite: bool = False
+    output_name: str = field(default="rankdpo_lora", kw_only=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,13 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"Syn-Pic folder with {INDEX_FILE} (or the .jsonl itself): one JSON object per line, "
                       '{"prompt": str, "images": [>= 2 paths relative to the file], "win_rates": [one phi in [0, 1] '
                       'per image]} (other keys, e.g. "scores", are ignored)')
-    data.add_argument("--model", type=Path, required=True,
-                      help="base model: a diffusers folder, or a single-file SD1.5/SDXL .safetensors (ComfyUI's "
-                      "models/checkpoints/)")
-    data.add_argument("--family", choices=FAMILIES, default="auto", help="the model family it must be (auto: read it "
-                      "from the weights)")
-    data.add_argument("--resolution", type=int, default=None,
-                      help="training side in pixels (default: the model's native size); a multiple of 8")
     method = parser.add_argument_group("method")
     method.add_argument("--loss", choices=LOSSES, default="rankdpo",
                         help="rankdpo: DCG-weighted ranking loss over all images of a prompt; dpo: pairwise "
@@ -88,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--beta", type=float, default=DEFAULT_BETA,
                         help="KL strength on core/rankdpo.py's scale: 0.5 x Diffusion-DPO's beta_dpo (its SD1.5 / "
                         "SDXL 5000 is 2500 here)")
-    add_lora_arguments(parser, output_name="rankdpo_lora", gradient_checkpointing=False,
-                       checkpointing_help="recompute UNet activations in the backward pass: less memory, about 30 %% "
+    add_lora_arguments(parser, data, resolution_help="training side in pixels", output_name="rankdpo_lora",
+                       gradient_checkpointing=False, checkpointing_help="recompute UNet activations in the backward pass: less memory, about 30 %% "
                        "slower", text_encoder_help="also train a LoRA on the text encoder(s) (the reference disables "
                        "it too)")
     add_training_arguments(parser, learning_rate=1e-5, weight_decay=1e-2, train_batch_size=4,
@@ -103,32 +77,10 @@ def parse_args(input_args: list[str] | None = None) -> RankDPOConfig:
     the output folder's state are checked by the trainer before any long work."""
     parser = build_parser()
     args = parser.parse_args(input_args)
-    training = training_config_from_args(args, parser)
-    check_lora_arguments(args, parser)
     if not args.beta > 0 or args.beta == float("inf"):
         parser.error(f"--beta must be a positive finite number, got {args.beta} (Diffusion-DPO's range for SD1.5 / "
                      f"SDXL is 1000-2500 on this scale).")
-    if not (args.dataset.is_file() or (args.dataset / INDEX_FILE).is_file()):
+    if not dataset_file(args.dataset, INDEX_FILE).is_file():
         parser.error(f"--dataset '{args.dataset}' is neither a .jsonl file nor a folder holding {INDEX_FILE} (make one "
                      f"with refinery-synpic).")
-    if not args.model.exists():
-        parser.error(f"--model '{args.model}' does not exist: pass a diffusers folder or a single-file checkpoint.")
-    return RankDPOConfig(
-        dataset=args.dataset,
-        model=args.model,
-        training=training,
-        family=args.family,
-        loss=args.loss,
-        dcg_ranks=args.dcg_ranks,
-        beta=args.beta,
-        resolution=args.resolution,
-        rank=args.rank,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=tuple(args.target_modules),
-        train_text_encoder=args.train_text_encoder,
-        text_encoder_target_modules=tuple(args.text_encoder_target_modules),
-        gradient_checkpointing=args.gradient_checkpointing,
-        output_name=args.output_name,
-        overwrite=args.overwrite,
-    )
+    return lora_config_from_args(RankDPOConfig, args, parser)

@@ -12,17 +12,15 @@ pair: it is skipped with a warning (it would only cost compute).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
-from ..common.data import DatasetError, load_image
-from .config import INDEX_FILE
+from ..common.data import (INDEX_FILE, DatasetError, LineItemDataset, dataset_file, line_image, load_image,
+                           read_json_lines)
 
 logger = logging.getLogger(__name__)
 WHAT = "Syn-Pic dataset"
@@ -45,12 +43,6 @@ class RankedGroup:
                            (self.win_rates[best], self.win_rates[worst]), self.line)
 
 
-def index_file(path: str | Path) -> Path:
-    """``path`` itself if it is a file, else ``path/index.jsonl``."""
-    path = Path(path)
-    return path if path.is_file() else path / INDEX_FILE
-
-
 def _parse_line(obj, number: int, root: Path) -> tuple[RankedGroup | None, list[str]]:
     where = f"line {number}"
     if not isinstance(obj, dict):
@@ -67,15 +59,7 @@ def _parse_line(obj, number: int, root: Path) -> tuple[RankedGroup | None, list[
         problems.append(f"{where}: 'images' must list at least 2 image paths per prompt (a ranking needs two), got "
                         f"{count}")
         return None, problems
-    paths = []
-    for position, value in enumerate(images):
-        if not isinstance(value, str) or not value:
-            problems.append(f"{where}: images[{position}] must be a file path string, got {value!r}")
-            continue
-        path = Path(value) if Path(value).is_absolute() else root / value
-        if not path.is_file():
-            problems.append(f"{where}: images[{position}] '{value}' not found (looked for '{path}')")
-        paths.append(path)
+    paths = [line_image(value, root, f"images[{position}]", where, problems) for position, value in enumerate(images)]
     if not isinstance(win_rates, list) or len(win_rates) != len(images):
         count = len(win_rates) if isinstance(win_rates, list) else type(win_rates).__name__
         problems.append(f"{where}: 'win_rates' must hold one number per image ({len(images)}), got {count}")
@@ -95,24 +79,10 @@ def read_groups(path: str | Path) -> list[RankedGroup]:
     """Read and check every line of the dataset at ``path`` (folder or .jsonl). Raises DatasetError listing every
     problem with its line number (malformed JSON, missing keys, fewer than 2 images, bad win rates, missing files);
     groups without a preferred pair (all win rates equal) are dropped with a warning."""
-    file = index_file(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise DatasetError(file, [f"cannot read the file: {error}"], WHAT) from error
-    groups, problems, tied = [], [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as error:
-            problems.append(f"line {number}: malformed JSON ({error.msg} at column {error.colno})")
-            continue
-        group, found = _parse_line(obj, number, file.parent)
-        problems += found
-        if group is not None:
-            (tied if len(set(group.win_rates)) == 1 else groups).append(group)
+    file = dataset_file(path, INDEX_FILE)
+    found, problems = read_json_lines(file, lambda obj, number: _parse_line(obj, number, file.parent), WHAT)
+    groups = [group for group in found if len(set(group.win_rates)) > 1]
+    tied = [group for group in found if len(set(group.win_rates)) == 1]
     if problems:
         raise DatasetError(file, problems, WHAT)
     if tied:
@@ -123,23 +93,17 @@ def read_groups(path: str | Path) -> list[RankedGroup]:
     return groups
 
 
-class RankedGroupDataset(Dataset):
-    """Items ``{"prompt": str, "pixels": (k, 3, H, W) in [-1, 1], "win_rates": (k,) float32}``."""
+class RankedGroupDataset(LineItemDataset):
+    """Items ``{"prompt": str, "pixels": (k, 3, H, W) in [-1, 1], "win_rates": (k,) float32}`` of ranked groups,
+    images resized and centre-cropped to ``resolution``."""
 
     def __init__(self, groups: list[RankedGroup], resolution: int):
-        self.groups = groups
+        super().__init__(groups)
         self.resolution = resolution
 
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def __getitem__(self, index: int) -> dict:
-        group = self.groups[index]
+    def load(self, group: RankedGroup) -> dict:
         size = (self.resolution, self.resolution)
-        try:
-            pixels = torch.stack([load_image(path, size) for path in group.images])
-        except ValueError as error:
-            raise ValueError(f"Dataset line {group.line}: {error}") from error
+        pixels = torch.stack([load_image(path, size) for path in group.images])
         return {"prompt": group.prompt, "pixels": pixels * 2.0 - 1.0,
                 "win_rates": torch.tensor(group.win_rates, dtype=torch.float32)}
 

@@ -20,35 +20,21 @@ Example::
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from ...core import rankdpo
+from ..common import sd_models
 from ..common.accelerate_setup import make_accelerator, seed_for_step
-from ..common.checkpoint import (
-    CheckpointError,
-    resume_point,
-    save_checkpoint,
-)
-from ..common.config import config_to_dict, write_config
+from ..common.checkpoint import resume_point
+from ..common.config import config_to_dict
 from ..common.console import TrainingInterrupted, TrainingRun, run_console
-from ..common.data import DatasetError, StepBatchSampler
 from ..common.lora import adapters_disabled
-from ..common.sd_models import (
-    SetupError,
-    TrainingModels,
-    check_output,
-    encode_prompts,
-    export_trained_lora,
-    load_models,
-    prepare_lora_training,
-    resume_training,
-)
+from ..common.loop import StepOutput, make_step_sampler, run_training_loop
+from ..common.sd_models import SetupError, TrainingModels, encode_prompts, load_models
 from ..common.sd_models import expand_conditioning as _expand
 from .config import RankDPOConfig, parse_args
 from .data import RankedGroupDataset, collate, read_groups
@@ -146,16 +132,11 @@ def batch_loss(config: RankDPOConfig, models: TrainingModels, batch: dict, micro
     """The configured loss on one micro-batch: eq. 7 (or pairwise DPO) per group, averaged over the groups.
     Returns (scalar loss, detached statistics: loss, pair accuracy of the current scores, mean |s|)."""
     scores = batch_scores(models, batch, config.training.seed, micro_index, device, weight_dtype)
-    losses, right, pairs = [], 0.0, 0.0
-    for group_scores, win_rates in zip(torch.split(scores, batch["group_sizes"]), batch["win_rates"]):
-        win_rates = win_rates.to(device)
-        losses.append(rankdpo.rankdpo_loss(group_scores, win_rates, config.beta, WEIGHTING[config.loss],
-                                           config.dcg_ranks))
-        preferred = rankdpo.preferred_pairs(win_rates)
-        pairs += float(preferred.sum())
-        right += float(((group_scores.detach().unsqueeze(-1) < group_scores.detach().unsqueeze(-2)) & preferred).sum())
-    loss = torch.stack(losses).mean()
-    stats = {"loss": float(loss.detach()), "accuracy": right / max(pairs, 1.0),
+    group_scores = torch.split(scores, batch["group_sizes"])
+    win_rates = [group_rates.to(device) for group_rates in batch["win_rates"]]
+    loss = torch.stack([rankdpo.rankdpo_loss(scores_p, rates_p, config.beta, WEIGHTING[config.loss], config.dcg_ranks)
+                        for scores_p, rates_p in zip(group_scores, win_rates)]).mean()
+    stats = {"loss": float(loss.detach()), "accuracy": float(rankdpo.implicit_accuracy(group_scores, win_rates)),
              "score_scale": float(scores.detach().abs().mean())}
     return loss, stats
 
@@ -170,86 +151,35 @@ def train(config: RankDPOConfig) -> Path:
 
 
 def _train(config: RankDPOConfig, training_run: TrainingRun) -> Path:
-    from tqdm.auto import tqdm
-
     training = config.training
     groups = read_groups(config.dataset)
     if config.loss == "dpo":
         groups = [group.best_and_worst() for group in groups]
-    output = check_output(config)
+    output = sd_models.check_output(config)
     resume, _ = resume_point(training.output_dir, training.resume_from, training.max_train_steps)
     accelerator = make_accelerator(training)
     models = load_models(config)
-    device = accelerator.device
-    dataset = RankedGroupDataset(groups, models.resolution)
-    accumulation = training.gradient_accumulation_steps
-    try:
-        sampler = StepBatchSampler(len(groups), training.train_batch_size, training.seed, 0,
-                                   training.max_train_steps * accumulation, accelerator.num_processes,
-                                   accelerator.process_index, item_name="prompt groups")
-    except ValueError as error:
-        raise SetupError(str(error)) from error
-    prepared = prepare_lora_training(config, models, accelerator)
-    wrapped, optimizer, scheduler = prepared.wrapped, prepared.optimizer, prepared.scheduler
-    weight_dtype, parameters = prepared.weight_dtype, prepared.parameters
+    sampler = make_step_sampler(training, accelerator, len(groups), "prompt groups")
+    prepared = sd_models.prepare_lora_training(config, models, accelerator)
     config_dict = config_to_dict(config)
-    if accelerator.is_main_process:
-        write_config(config, training.output_dir)
     logger.info("%d prompt groups (%d images), family %s, resolution %d, loss %s, beta %g, %d LoRA tensors",
                 len(groups), sum(len(group.images) for group in groups), models.family, models.resolution,
                 config.loss, config.beta, sum(len(module_names) for module_names in prepared.names))
 
-    step = resume_training(accelerator, resume, config_dict)
-    sampler.start = step * accumulation
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                        num_workers=training.dataloader_num_workers)
-    progress = tqdm(total=training.max_train_steps, initial=step, desc=config.loss,
-                    disable=not accelerator.is_local_main_process)
-    for module in wrapped:
-        module.train()
-    micro_index = sampler.start
-    training_run.step = step
+    def step_function(batch: dict, micro_index: int, step: int) -> StepOutput:
+        return StepOutput(*batch_loss(config, models, batch, micro_index, accelerator.device, prepared.weight_dtype))
 
-    def checkpoint():
-        return save_checkpoint(accelerator, training.output_dir, step, {"config": config_dict},
-                               training.checkpoints_total_limit)
-
-    with training_run.stop_at_step_boundary(), progress:  # the bar is closed before any message
-        for batch in loader:
-            with accelerator.accumulate(*wrapped):
-                with accelerator.autocast():
-                    loss, stats = batch_loss(config, models, batch, micro_index, device, weight_dtype)
-                if not math.isfinite(stats["loss"]):
-                    raise SetupError(f"The loss became {stats['loss']} at step {step + 1}; nothing of this step "
-                                     f"was applied. The last good checkpoint is kept in "
-                                     f"'{training.output_dir}/checkpoints' (resume from it with a lower "
-                                     f"--learning-rate or --beta).")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and training.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(parameters, training.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_index += 1
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.2f}")
-            if step % training.log_every == 0:
-                logger.info("step %d: %s, lr %.3g", step, ", ".join(f"{k} {v:.4g}" for k, v in stats.items()),
-                            scheduler.get_last_lr()[0])
-            saved = step % training.checkpointing_steps == 0
-            if saved:
-                checkpoint()
-            training_run.stop_if_requested(accelerator, step, checkpoint, saved)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        export_trained_lora(output, config, models, METHOD_NAMES[config.loss], config_dict,
-                            {"refinery.beta": config.beta, "refinery.resolution": models.resolution,
-                             "refinery.steps": step})
+    def export(step: int) -> None:
+        sd_models.export_trained_lora(output, config, models, METHOD_NAMES[config.loss], config_dict,
+                                      {"refinery.beta": config.beta, "refinery.resolution": models.resolution,
+                                       "refinery.steps": step})
         logger.info("Saved the LoRA to %s", output)
-    accelerator.end_training()
+
+    run_training_loop(accelerator, training_run, training, prepared, step_function,
+                      dataset=RankedGroupDataset(groups, models.resolution), collate_fn=collate, sampler=sampler,
+                      resume=resume, config_dict=config_dict, export=export, description=config.loss,
+                      progress_stats={"loss": "loss", "acc": "accuracy"},
+                      nan_advice="a lower --learning-rate or --beta")
     return output
 
 
@@ -261,10 +191,9 @@ def run(input_args: list[str] | None = None) -> Path:
 
 def main(input_args: list[str] | None = None) -> int:
     """Console entry point; returns the exit status. 0: the LoRA is written; 1: an unusable dataset, model,
-    checkpoint or output folder (a message, before anything is written); 2: a bad flag; 130: Ctrl-C (a checkpoint is
-    saved, and the command that resumes is printed)."""
-    return run_console(PROG, __spec__.name if __spec__ else __name__, run, input_args,
-                       (DatasetError, CheckpointError, SetupError))
+    checkpoint or output folder (a message, before anything is written) or a loss that became NaN (the message names
+    the step); 2: a bad flag; 130: Ctrl-C (a checkpoint is saved, and the command that resumes is printed)."""
+    return run_console(PROG, __spec__.name if __spec__ else __name__, run, input_args)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...core import stable_preference as sp
-from ..common.config import TrainingConfig, add_training_arguments, training_config_from_args
+from ..common.config import (
+    TrainingConfig,
+    add_training_arguments,
+    config_from_args,
+    training_config_from_args,
+)
+from ..common.data import dataset_file
 
 LOSSES = ("stable-preference", "cross-entropy")
 DATASET_FILE = "pairs.jsonl"
@@ -108,7 +114,7 @@ def parse_args(input_args: list[str] | None = None) -> StablePreferenceConfig:
     training = training_config_from_args(args, parser)
     if not args.checkpoint.is_file():
         parser.error(f"--checkpoint '{args.checkpoint}' does not exist.")
-    if not (args.dataset.is_file() or (args.dataset / DATASET_FILE).is_file()):
+    if not dataset_file(args.dataset, DATASET_FILE).is_file():
         parser.error(f"--dataset '{args.dataset}' is neither a .jsonl file nor a folder holding {DATASET_FILE}.")
     if not args.output_name or any(sep in args.output_name for sep in ("/", "\\")) or args.output_name.startswith("."):
         parser.error(f"--output-name must be a plain file name without folders, got {args.output_name!r}.")
@@ -130,23 +136,8 @@ def parse_args(input_args: list[str] | None = None) -> StablePreferenceConfig:
     for flag in ("trainable_image_layers", "trainable_text_layers"):
         if getattr(args, flag) < -1:
             parser.error(f"--{flag.replace('_', '-')} must be -1 (all) or a block count >= 0, got {getattr(args, flag)}.")
-    return StablePreferenceConfig(
-        dataset=args.dataset,
-        checkpoint=args.checkpoint,
-        training=training,
-        architecture=args.architecture,
-        output_name=args.output_name,
-        overwrite=args.overwrite,
-        loss=args.loss,
-        augmentations=args.augmentations,
-        crop_scale=(float(low), float(high)),
-        crop_ratio=(float(args.crop_ratio[0]), float(args.crop_ratio[1])),
-        flip_probability=args.flip_probability,
-        anti_interference=args.anti_interference,
-        step_one_fraction=args.step_one_fraction,
-        step_one_b=args.step_one_b,
-        step_one_tau=args.step_one_tau,
+    return config_from_args(
+        StablePreferenceConfig, args, training=training,
         trainable_image_layers=None if args.trainable_image_layers == -1 else args.trainable_image_layers,
         trainable_text_layers=None if args.trainable_text_layers == -1 else args.trainable_text_layers,
-        train_logit_scale=args.train_logit_scale,
     )

@@ -10,17 +10,17 @@ Paths are relative to the folder of the ``.jsonl`` file (absolute paths are used
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
-from ..common.data import DatasetError, StepBatchSampler, load_image
+from ..common.data import (DatasetError, LineItemDataset, StepBatchSampler, dataset_file, line_image, load_image,
+                           read_json_lines)
 from .config import DATASET_FILE
 
-__all__ = ["DatasetError", "PreferencePair", "PreferenceDataset", "StepBatchSampler", "collate", "dataset_file",
+WHAT = "preference dataset"
+__all__ = ["DatasetError", "PreferencePair", "PreferenceDataset", "StepBatchSampler", "collate",
            "load_image", "read_pairs"]
 
 
@@ -32,12 +32,6 @@ class PreferencePair:
     preferred: Path
     rejected: Path
     line: int
-
-
-def dataset_file(path: str | Path) -> Path:
-    """``path`` itself if it is a file, else ``path/pairs.jsonl``."""
-    path = Path(path)
-    return path if path.is_file() else path / DATASET_FILE
 
 
 def _parse_line(obj, number: int, root: Path) -> tuple[PreferencePair | None, list[str]]:
@@ -60,16 +54,7 @@ def _parse_line(obj, number: int, root: Path) -> tuple[PreferencePair | None, li
     if not isinstance(prompt, str) or not prompt.strip():
         problems.append(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
     image_keys = ("preferred", "rejected") if "preferred" in required else ("image_0", "image_1")
-    paths = {}
-    for key in image_keys:
-        value = obj[key]
-        if not isinstance(value, str) or not value:
-            problems.append(f"{where}: '{key}' must be a file path string, got {value!r}")
-            continue
-        path = Path(value) if Path(value).is_absolute() else root / value
-        if not path.is_file():
-            problems.append(f"{where}: '{key}' image '{value}' not found (looked for '{path}')")
-        paths[key] = path
+    paths = {key: line_image(obj[key], root, f"'{key}' image", where, problems) for key in image_keys}
     if "label" in required:
         label = obj["label"]
         if isinstance(label, bool) or not isinstance(label, (int, float)) or label not in (0, 1):
@@ -90,50 +75,26 @@ def _parse_line(obj, number: int, root: Path) -> tuple[PreferencePair | None, li
 def read_pairs(path: str | Path) -> list[PreferencePair]:
     """Read and check every line of the dataset at ``path`` (folder or .jsonl); DatasetError listing all problems
     with their line numbers (malformed JSON, missing keys, bad values, missing image files) when any is found."""
-    file = dataset_file(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise DatasetError(file, [f"cannot read the file: {error}"]) from error
-    pairs, problems = [], []
-    root = file.parent
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as error:
-            problems.append(f"line {number}: malformed JSON ({error.msg} at column {error.colno})")
-            continue
-        pair, found = _parse_line(obj, number, root)
-        problems += found
-        if pair is not None:
-            pairs.append(pair)
+    file = dataset_file(path, DATASET_FILE)
+    pairs, problems = read_json_lines(file, lambda obj, number: _parse_line(obj, number, file.parent), WHAT)
     if not pairs and not problems:
         problems.append("no preference pairs in the file")
     if problems:
-        raise DatasetError(file, problems)
+        raise DatasetError(file, problems, WHAT)
     return pairs
 
 
-class PreferenceDataset(Dataset):
-    """Items ``{"prompt": str, "preferred": (3, H, W), "rejected": (3, H, W)}``, pixels in [0, 1]."""
+class PreferenceDataset(LineItemDataset):
+    """Items ``{"prompt": str, "preferred": (3, H, W), "rejected": (3, H, W)}``, pixels in [0, 1] at
+    ``image_size`` (H, W)."""
 
     def __init__(self, pairs: list[PreferencePair], image_size: tuple[int, int]):
-        self.pairs = pairs
+        super().__init__(pairs)
         self.image_size = image_size
 
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int) -> dict:
-        pair = self.pairs[index]
-        try:
-            preferred = load_image(pair.preferred, self.image_size)
-            rejected = load_image(pair.rejected, self.image_size)
-        except ValueError as error:
-            raise ValueError(f"Dataset line {pair.line}: {error}") from error
-        return {"prompt": pair.prompt, "preferred": preferred, "rejected": rejected}
+    def load(self, pair: PreferencePair) -> dict:
+        return {"prompt": pair.prompt, "preferred": load_image(pair.preferred, self.image_size),
+                "rejected": load_image(pair.rejected, self.image_size)}
 
 
 def collate(items: list[dict]) -> dict:

@@ -22,25 +22,19 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from ...core import stable_preference as sp
 from ...core.clip_surgery import AUTO_ARCHITECTURE, load_quality_clip
 from ..common.accelerate_setup import make_accelerator, seed_for_step
 from ..common.atomic import atomic_write_json
-from ..common.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    register_trainable_state_hooks,
-    resume_point,
-    save_checkpoint,
-)
-from ..common.config import SetupError, config_differences, config_to_dict, refuse_existing_output, write_config
+from ..common.checkpoint import register_trainable_state_hooks, resume_point
+from ..common.config import SetupError, config_to_dict, refuse_existing_output
 from ..common.console import TrainingInterrupted, TrainingRun, run_console
+from ..common.loop import Optimization, StepOutput, make_step_sampler, run_training_loop
 from ..common.optim import make_optimizer, make_scheduler
 from ...core.rewards.trained import save_trained_reward
 from .config import StablePreferenceConfig, parse_args
-from .data import DatasetError, PreferenceDataset, StepBatchSampler, collate, read_pairs
+from .data import PreferenceDataset, collate, read_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +177,6 @@ def train(config: StablePreferenceConfig) -> Path:
 
 
 def _train(config: StablePreferenceConfig, training_run: TrainingRun) -> Path:
-    from tqdm.auto import tqdm
-
     training = config.training
     pairs = read_pairs(config.dataset)
     output = training.output_dir / f"{config.output_name}.safetensors"
@@ -197,83 +189,37 @@ def _train(config: StablePreferenceConfig, training_run: TrainingRun) -> Path:
     if resume is not None and resume_state.get("trainable", trainable) != trainable:
         raise SetupError(f"Checkpoint '{resume}' trained other parameters than these layer-freezing options select; "
                          f"resume with the options it was started with (see its {resume / 'trainer_state.json'}).")
-    dataset = PreferenceDataset(pairs, input_size(model))
-    accumulation = training.gradient_accumulation_steps
-    try:
-        sampler = StepBatchSampler(len(pairs), training.train_batch_size, training.seed, 0,
-                                   training.max_train_steps * accumulation, accelerator.num_processes,
-                                   accelerator.process_index)
-    except ValueError as error:
-        raise SetupError(str(error)) from error
+    sampler = make_step_sampler(training, accelerator, len(pairs), "pairs")
     optimizer = make_optimizer(model, training)
     scheduler = make_scheduler(optimizer, training, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)
     register_trainable_state_hooks(accelerator, unwrapped, trainable)
     config_dict = config_to_dict(config)
-    if accelerator.is_main_process:
-        write_config(config, training.output_dir)
     logger.info("%d pairs, %d trainable parameter tensors (%d values), loss %s", len(pairs), len(trainable),
                 sum(p.numel() for p in unwrapped.parameters() if p.requires_grad), config.loss)
+    mean, std = (tensor.to(accelerator.device) for tensor in normalisation(unwrapped))
 
-    step = 0
-    if resume is not None:
-        state = load_checkpoint(accelerator, resume)
-        step = int(state["step"])
-        changed = [line for line in config_differences(state.get("config", {}), config_dict)
-                   if not line.startswith("training.resume_from")]
-        if changed:
-            logger.warning("Resuming with changed options: %s", "; ".join(changed))
-    sampler.start = step * accumulation
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                        num_workers=training.dataloader_num_workers)
-    mean, std = normalisation(unwrapped)
-    mean, std = mean.to(accelerator.device), std.to(accelerator.device)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    progress = tqdm(total=training.max_train_steps, initial=step, desc=config.loss,
-                    disable=not accelerator.is_local_main_process)
-    model.train()
-    micro_index = sampler.start
-    training_run.step = step
+    def step_function(batch: dict, micro_index: int, step: int) -> StepOutput:
+        return StepOutput(*batch_loss(config, model, tokenizer, batch, step, micro_index, mean, std,
+                                      accelerator.device))
 
-    def checkpoint():
-        return save_checkpoint(accelerator, training.output_dir, step, {"config": config_dict, "trainable": trainable},
-                               training.checkpoints_total_limit)
+    def clamp_logit_scale(step: int, output: StepOutput) -> None:
+        if config.train_logit_scale:
+            with torch.no_grad():
+                unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
-    with training_run.stop_at_step_boundary(), progress:  # the bar is closed before any message
-        for batch in loader:
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss, stats = batch_loss(config, model, tokenizer, batch, step, micro_index, mean, std,
-                                             accelerator.device)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and training.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(parameters, training.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_index += 1
-            if not accelerator.sync_gradients:
-                continue
-            if config.train_logit_scale:
-                with torch.no_grad():
-                    unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.2f}")
-            if step % training.log_every == 0:
-                logger.info("step %d: %s, lr %.3g", step, ", ".join(f"{k} {v:.4f}" for k, v in stats.items()),
-                            scheduler.get_last_lr()[0])
-            saved = step % training.checkpointing_steps == 0
-            if saved:
-                checkpoint()
-            training_run.stop_if_requested(accelerator, step, checkpoint, saved)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    def export(step: int) -> None:
         save_trained_reward(unwrapped, model_config, output, architecture, config_dict)
         atomic_write_json(output.with_suffix(".json"), model_config)
         logger.info("Saved the reward to %s", output)
-    accelerator.end_training()
+
+    optimization = Optimization([model], optimizer, scheduler, [p for p in model.parameters() if p.requires_grad])
+    run_training_loop(accelerator, training_run, training, optimization, step_function,
+                      dataset=PreferenceDataset(pairs, input_size(model)), collate_fn=collate, sampler=sampler,
+                      resume=resume, config_dict=config_dict, export=export, description=config.loss,
+                      progress_stats={"loss": "loss", "acc": "accuracy"}, nan_advice="a lower --learning-rate",
+                      checkpoint_extra={"trainable": trainable}, after_step=clamp_logit_scale)
     return output
 
 
@@ -285,10 +231,9 @@ def run(input_args: list[str] | None = None) -> Path:
 
 def main(input_args: list[str] | None = None) -> int:
     """Console entry point; returns the exit status. 0: the reward is written; 1: an unusable dataset, checkpoint or
-    output folder (a message, before anything is written); 2: a bad flag; 130: Ctrl-C (a checkpoint is saved, and
-    the command that resumes is printed)."""
-    return run_console(PROG, __spec__.name if __spec__ else __name__, run, input_args,
-                       (DatasetError, CheckpointError, SetupError))
+    output folder (a message, before anything is written), or a NaN loss (with the step); 2: a bad flag; 130:
+    Ctrl-C (a checkpoint is saved, and the command that resumes is printed)."""
+    return run_console(PROG, __spec__.name if __spec__ else __name__, run, input_args)
 
 
 if __name__ == "__main__":

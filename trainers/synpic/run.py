@@ -29,11 +29,9 @@ import dataclasses
 import gc
 import json
 import logging
-import os
 import shlex
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,8 +40,9 @@ import torch
 
 from ...core.reward_aggregation import syn_pic_win_rates
 from ..common.atomic import atomic_write_json, atomic_write_text
-from ..common.config import config_to_dict
+from ..common.config import SetupError, check_writable_folder, config_to_dict
 from ..common.console import EXIT_INTERRUPTED, EXIT_OK, LOG_FORMAT, invoked_as
+from ..common.data import INDEX_FILE, DatasetError, read_prompts, save_png
 from ..common.lora import LoraMismatchError, check_lora_file
 from ..common.model_loading import UnsupportedModelError, detect_family
 from .config import CONFIG_FILE, SynPicConfig, parse_args
@@ -51,7 +50,6 @@ from .generators import draw, load_generator, native_size, picture_seed
 
 logger = logging.getLogger(__name__)
 
-INDEX_FILE = "index.jsonl"
 IMAGES_DIR = "images"
 PROG = "refinery-synpic"
 # options that change no pixel: a rerun may change them freely. Not --batch-size: pictures drawn in batches of
@@ -59,7 +57,7 @@ PROG = "refinery-synpic"
 NON_PIXEL_OPTIONS = ("rewards", "output_dir", "device", "threads", "overwrite", "reward_batch_size")
 
 
-class SynPicError(ValueError):
+class SynPicError(SetupError):
     """The run cannot start or continue; the message says what to change."""
 
 
@@ -70,39 +68,6 @@ class SynPicInterrupted(KeyboardInterrupt):
     def __init__(self, phase: str, saved: int, total: int, folder: Path):
         super().__init__(f"interrupted while {phase}: {saved} of {total} pictures saved")
         self.phase, self.saved, self.total, self.folder = phase, saved, total, folder
-
-
-def read_prompts(path: Path) -> list[str]:
-    """Prompts of a .txt (one per line; blank and '#' lines skipped) or .jsonl ({"prompt": str} per line) file.
-    SynPicError listing bad lines with their numbers, or for a file without prompts."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise SynPicError(f"Cannot read --prompts '{path}': {error}") from error
-    prompts, problems = [], []
-    jsonl = Path(path).suffix.lower() == ".jsonl"
-    for number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        if not stripped or (not jsonl and stripped.startswith("#")):
-            continue
-        if not jsonl:
-            prompts.append(stripped)
-            continue
-        try:
-            obj = json.loads(stripped)
-        except json.JSONDecodeError as error:
-            problems.append(f"line {number}: malformed JSON ({error.msg})")
-            continue
-        prompt = obj.get("prompt") if isinstance(obj, dict) else None
-        if not isinstance(prompt, str) or not prompt.strip():
-            problems.append(f"line {number}: needs a non-empty string 'prompt'")
-            continue
-        prompts.append(prompt.strip())
-    if problems:
-        raise SynPicError(f"--prompts '{path}' has {len(problems)} bad line(s):\n  " + "\n  ".join(problems[:25]))
-    if not prompts:
-        raise SynPicError(f"--prompts '{path}' holds no prompt.")
-    return prompts
 
 
 def image_name(prompt_index: int, generator_index: int) -> str:
@@ -159,13 +124,7 @@ def prepare_output(config: SynPicConfig) -> None:
     """Create the output folder (check it is writable) and its config file; refuse a folder made with options that
     change pixels, unless --overwrite (which deletes its images and index)."""
     folder = config.output_dir
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise SynPicError(f"Cannot write into --output-dir '{folder}' ({error.strerror or error}). Choose a writable "
-                          f"folder with free space.") from error
+    check_writable_folder(folder)
     existing = folder / CONFIG_FILE
     current = _pixel_options(config)
     if existing.is_file():
@@ -183,19 +142,6 @@ def prepare_output(config: SynPicConfig) -> None:
             shutil.rmtree(folder / IMAGES_DIR, ignore_errors=True)
             (folder / INDEX_FILE).unlink(missing_ok=True)
     (folder / IMAGES_DIR).mkdir(exist_ok=True)
-
-
-def _save_png(picture: torch.Tensor, path: Path) -> None:
-    """(H, W, 3) in [0, 1] -> 8-bit PNG, written to a temporary name and renamed (never a half-written file)."""
-    from PIL import Image
-
-    temporary = path.with_name(path.name + ".tmp")
-    array = (picture.numpy() * 255).round().astype(np.uint8)
-    try:
-        Image.fromarray(array).save(temporary, format="PNG")
-        os.replace(temporary, path)
-    finally:  # interrupted or failed: no temporary file left behind
-        temporary.unlink(missing_ok=True)
 
 
 def _load_png(path: Path) -> torch.Tensor:
@@ -239,7 +185,7 @@ def generate_pictures(config: SynPicConfig, prompts: Sequence[str]) -> int:
             for index, picture in zip(batch, pictures):
                 path = folder / image_name(index, generator_index)
                 if not path.is_file():
-                    _save_png(picture, path)
+                    save_png(picture, path)
                     drawn += 1
         del pipeline
         gc.collect()
@@ -351,7 +297,7 @@ def interrupt_message(arguments: Sequence[str], interrupt: KeyboardInterrupt) ->
 def run(input_args: list[str] | None = None) -> Path:
     """Parse ``input_args`` (default ``sys.argv[1:]``) and build the dataset: the console command as a Python call.
     Returns the path of ``index.jsonl``; bad flags exit with status 2 (argparse), other problems raise SynPicError
-    (or LoraMismatchError), Ctrl-C raises :class:`SynPicInterrupted`."""
+    (a SetupError), DatasetError (the prompts file) or LoraMismatchError; Ctrl-C raises :class:`SynPicInterrupted`."""
     return build_dataset(parse_args(input_args))
 
 
@@ -363,7 +309,7 @@ def main(input_args: list[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if input_args is None else input_args)
     try:
         index = run(arguments)
-    except (SynPicError, LoraMismatchError) as error:
+    except (SetupError, DatasetError, LoraMismatchError) as error:
         raise SystemExit(f"{PROG}: error: {error}") from error
     except KeyboardInterrupt as interrupt:
         print(interrupt_message(arguments, interrupt), file=sys.stderr, flush=True)
