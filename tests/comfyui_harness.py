@@ -27,6 +27,7 @@ REFINERY_NODE_IDS = (
     "RefineryMaskedRedenoise",
     "RefineryGlobalRedenoise",
     "RefineryGRefine",
+    "RefineryKeepBetter",
     "RefineryRewardModelLoader",
     "RefineryScoreImages",
     "RefineryRankImages",

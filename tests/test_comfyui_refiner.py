@@ -27,6 +27,7 @@ SAMPLING = dict(sampler_name="euler", scheduler="normal", cfg=2.0)
 NEVER_GATED = dict(perceptual_gate=1.01, alignment_gate=1.01, gated_untouched=True)
 KNOBS = dict(threshold=0.0, min_area=0, dilation=0, feather=2.0, strength_min=0.3, strength_max=0.8,
              global_strength=0.1, total_steps=2, stage1_share=0.5, **NEVER_GATED)
+GUARD_OFF = dict(keep_better=False)  # these tests check what sampling does; the guard has its own tests
 _RUNS = itertools.count(1)
 
 
@@ -202,7 +203,9 @@ def test_refiner_nodes_load_with_their_schemas(comfy_harness):
     assert plan.INPUT_IS_LIST is True
     assert plan.INPUT_TYPES()["required"]["total_steps"][1]["min"] == 1
     optional = nodes.NODE_CLASS_MAPPINGS["RefineryGRefine"].INPUT_TYPES()["optional"]
-    assert set(optional) == {"mask_mode", "quality_prompts", "positive", "negative", "stage1_model"}
+    assert set(optional) == {"mask_mode", "quality_prompts", "positive", "negative", "stage1_model", "keep_better",
+                             "attempts", "margin", "tolerance", "reward_weight", "reward", "detailer_max_region",
+                             "detailer_resolution"}
 
 
 # -- real graphs ---------------------------------------------------------------------------------------------------
@@ -247,7 +250,7 @@ def test_all_in_one_graph_on_a_batch_with_every_input_wired(comfy_harness, sd15_
         "RefineryGRefine", model=unet.out(0), clip=clip.out(0), vae=vae.out(0), image=image.out(0),
         quality_clip=quality.out(0), prompt=PROMPT, negative_prompt="blurry", seed=3, emphasis=1.2,
         quality_prompts=prompts.out(0), positive=add_text(graph, clip, PROMPT).out(0),
-        negative=add_text(graph, clip, "blurry").out(0), stage1_model=unet.out(0), **SAMPLING, **KNOBS,
+        negative=add_text(graph, clip, "blurry").out(0), stage1_model=unet.out(0), **SAMPLING, **KNOBS, **GUARD_OFF,
     )
     save = graph.node("SaveImage", images=refine.out(0), filename_prefix="grefine")
     mask_save = add_mask_save(graph, refine.out(1), "grefine_mask")
@@ -468,7 +471,7 @@ def test_all_in_one_pads_a_17x3_picture_and_returns_it_at_its_own_size(comfy_har
                          surgery_depth=0)
     refine = graph.node("RefineryGRefine", model=unet.out(0), clip=clip.out(0), vae=vae.out(0), image=image.out(0),
                         quality_clip=quality.out(0), prompt=PROMPT, negative_prompt="", seed=0, emphasis=1.1,
-                        **SAMPLING, **KNOBS)
+                        **SAMPLING, **KNOBS, **GUARD_OFF)
     save = graph.node("SaveImage", images=refine.out(0), filename_prefix="odd_17x3")
     mask_save = add_mask_save(graph, refine.out(1), "odd_17x3_mask")
 
@@ -494,7 +497,8 @@ def test_all_in_one_pads_a_mirrored_61x45_picture_and_crops_it_back(comfy_harnes
     with torch.inference_mode():
         refined, mask, summary, plans = node.execute(
             model=model, clip=clip_model, vae=vae_model, image=picture, quality_clip=encoder, prompt=PROMPT,
-            negative_prompt="", seed=0, emphasis=1.1, **SAMPLING, **(KNOBS | dict(global_strength=0.0))).result
+            negative_prompt="", seed=0, emphasis=1.1, **SAMPLING, **(KNOBS | dict(global_strength=0.0)),
+            **GUARD_OFF).result[:4]
     assert refined.shape == picture.shape and mask.shape == (2, 45, 61) and bool(mask.all()), summary
     assert all(plan.binary_mask.shape == (45, 61) for plan in plans)
     assert ((refined - picture).abs().flatten(1).mean(1) > 1e-3).all(), "both pictures were refined"
@@ -517,7 +521,7 @@ def test_all_in_one_takes_a_1001x777_picture_and_returns_it_at_its_own_size(comf
                      negative_prompt="", seed=0, emphasis=1.1, **SAMPLING)
     for knobs in (dict(perceptual_gate=0.0, alignment_gate=-1.0), dict(threshold=1.0, global_strength=0.0)):
         with torch.inference_mode():
-            refined, mask, summary, plans = node.execute(**arguments, **(KNOBS | knobs)).result
+            refined, mask, summary, plans = node.execute(**arguments, **(KNOBS | knobs)).result[:4]
         assert torch.equal(refined, photo), summary
         assert mask.shape == (1, 777, 1001) and plans[0].feathered_mask.shape == (777, 1001)
 
@@ -586,7 +590,7 @@ def run_all_in_one_with_hook(harness, sd15_models, pictures, recorder, seed, **k
                          surgery_depth=0)
     refine = graph.node("RefineryGRefine", model=unet.out(0), clip=clip.out(0), vae=vae.out(0), image=image.out(0),
                         quality_clip=quality.out(0), prompt=PROMPT, negative_prompt="", seed=seed, emphasis=1.1,
-                        **SAMPLING, **(KNOBS | knobs))
+                        **SAMPLING, **(KNOBS | knobs | GUARD_OFF))
     graph.node("SaveImage", images=refine.out(0), filename_prefix=f"progress_{seed}")
     previous = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(recorder)

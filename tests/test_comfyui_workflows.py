@@ -36,8 +36,9 @@ TEST_VALUES = {  # input name -> value available in the test ComfyUI (conftest.p
 }
 EXPECTED = {  # every shipped workflow must be here: the features it covers
     "quality_maps_api": "PQ/AQ maps and the refine mask of a loaded image",
-    "refine_generated_api": "generate -> maps -> plan -> masked stage -> global stage -> save",
-    "refine_image_api": "load image -> G-Refine (soft mask) -> save",
+    "refine_generated_api": "generate -> maps -> plan -> masked stage -> global stage -> keep better -> save",
+    "refine_image_api": "load image -> G-Refine (soft mask, keep-better guard) -> save",
+    "refine_detailer_api": "load image -> G-Refine in detailer mode (small regions at native resolution) -> save",
     "select_best_api": "generate a batch -> score with a reward -> rank, keep the best -> save",
 }
 
@@ -58,8 +59,10 @@ def load_workflow(stem: str, **overrides) -> dict:
     return with_test_models(json.loads((WORKFLOWS_DIR / f"{stem}.json").read_text()), **overrides)
 
 
-def node_of(graph: dict, class_type: str) -> str:
-    (node_id,) = [node_id for node_id, node in graph.items() if node["class_type"] == class_type]
+def node_of(graph: dict, class_type: str, title: str | None = None) -> str:
+    """The id of the graph's one node of ``class_type`` (and ``title``, where several share the type)."""
+    (node_id,) = [node_id for node_id, node in graph.items() if node["class_type"] == class_type
+                  and (title is None or node["_meta"]["title"] == title)]
     return node_id
 
 
@@ -134,16 +137,19 @@ def test_generated_workflow_keeps_each_latent_outside_its_own_mask(comfy_server)
         keep = cells == 0
         assert torch.equal(after[index][:, keep], before[index][:, keep]), f"picture {index}"
         assert not torch.isclose(after[index][:, ~keep], before[index][:, ~keep]).all(dim=0).any(), f"picture {index}"
-    summary = run.outputs[node_of(graph, "PreviewAny")]["text"][0]
+    summary = run.outputs[node_of(graph, "PreviewAny", "Plan Summary")]["text"][0]
     assert summary.count("\n") == 1 and summary.startswith("image 0: ") and "image 1: " in summary
     assert "on 50.0% of the pixels" in summary and "on 37.5% of the pixels" in summary
+    table = run.outputs[node_of(graph, "PreviewAny", "Keep-Better Table")]["text"][0]
+    assert table.count("\n") == 3 and table.count("| 0 |") + table.count("| 1 |") == 2  # one row per picture
 
 
 @pytest.mark.parametrize("gated_untouched", [True, False])
 def test_image_workflow_treats_a_picture_that_passes_the_gate_as_asked(comfy_server, gated_untouched):
     """gated_untouched on: the gated picture comes back bit-identical; off (the shipped default, as in the paper):
     it skips stage 1 and gets only the light stage 2."""
-    graph = load_workflow("refine_image_api", perceptual_gate=0.0, alignment_gate=-1.0, gated_untouched=gated_untouched)
+    graph = load_workflow("refine_image_api", perceptual_gate=0.0, alignment_gate=-1.0, gated_untouched=gated_untouched,
+                          keep_better=False)  # the guard would return a picture the random model made worse
     run = comfy_server.run(graph)
     assert run.success, run.error_text()
     save = next(node_id for node_id, node in graph.items() if node["inputs"].get("filename_prefix") == "refinery/refined")

@@ -83,15 +83,22 @@ LAYOUTS = {
         (
             Group("3. G-Refine plan", ((("12", 490),), (("21", 220),)), color=MAPS),
             Group("4. Refine in two stages", ((("13", 50), ("14", 290)), (("15", 240), ("16", 50)))),
-            Group("5. Save", ((("17", 60 + PREVIEW),), (("18", 30), ("19", 60 + PREVIEW))), color=SAVE),
+            Group("5. Keep better", ((("23", 250),), (("24", 220),)), color=MAPS),
+            Group("6. Save", ((("17", 60 + PREVIEW),), (("18", 30), ("19", 60 + PREVIEW))), color=SAVE),
         ),
     ), scale=0.75),
     "refine_image": Layout(rows=((
         Group("Models (see the note)", (((NOTE, 300), ("2", 100), ("3", 110), ("4", 60)),), color=MODELS),
         Group("1. Picture", ((("1", 100 + PREVIEW),),)),
-        Group("2. G-Refine: maps, plan, two stages", ((("5", 770),),)),
+        Group("2. G-Refine: maps, plan, two stages", ((("5", 1000),),)),
         Group("3. Save", ((("6", 60 + PREVIEW), ("9", 220)), (("7", 30), ("8", 60 + PREVIEW))), color=SAVE),
-    ),), scale=0.85),
+    ),), scale=0.8),
+    "refine_detailer": Layout(rows=((
+        Group("Models (see the note)", (((NOTE, 300), ("2", 100), ("3", 110), ("4", 60)),), color=MODELS),
+        Group("1. Picture", ((("1", 100 + PREVIEW),),)),
+        Group("2. G-Refine, detailer mode", ((("5", 1000),),)),
+        Group("3. Save", ((("6", 60 + PREVIEW), ("9", 220)), (("7", 30), ("8", 60 + PREVIEW))), color=SAVE),
+    ),), scale=0.8),
     "select_best": Layout(rows=((
         Group("Models (see the note)", (((NOTE, 300), ("1", 100), ("7", 160)),), color=MODELS),
         Group("1. Generate a batch", ((("12", 150), ("2", 80), ("3", 150), ("4", 110)),
