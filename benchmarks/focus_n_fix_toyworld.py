@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import limit_threads, write_results  # noqa: E402
+from common import limit_threads, report, with_target  # noqa: E402
 from comfyui_refinery.benchmarks.toyworld.measures import masked_mean, psnr, ssim_map  # noqa: E402
 
 from comfyui_refinery.benchmarks.toyworld import data, rewards  # noqa: E402
@@ -109,8 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict[str, float]:
     args = parse_args(argv)
-    args.threads = args.threads or limit_threads()
-    torch.set_num_threads(args.threads)
+    args.threads = limit_threads(args.threads)
     started = time.perf_counter()
     reward = rewards.RedContentReward(width=args.red_width)
     train_captions = rewards.single_object_captions(args.train_prompts, TRAIN_CAPTION_SEED, colours=("red",))
@@ -180,10 +179,10 @@ def main(argv=None) -> dict[str, float]:
 
     summary = (
         f"PSNR outside the problem regions {spread('focus-n-fix_psnr_outside', 2)} dB (Focus-N-Fix) vs "
-        f"{spread('draft_psnr_outside', 2)} dB (DRaFT), ratio {numbers['ratio']:.2f} (target >= 1.5); SSIM outside "
+        f"{spread('draft_psnr_outside', 2)} dB (DRaFT), ratio {with_target(numbers['ratio'], '>=', 1.5, '.2f')}; SSIM outside "
         f"{spread('focus-n-fix_ssim_outside', 3)} vs {spread('draft_ssim_outside', 3)}; reward gain "
         f"{spread('focus-n-fix_reward_gain', 2)} vs {spread('draft_reward_gain', 2)} (ratio "
-        f"{numbers['reward_gain_ratio']:.2f}, target >= 0.8; base reward {numbers['base_reward']:.2f}); prompts the "
+        f"{with_target(numbers['reward_gain_ratio'], '>=', 0.8, '.2f')}; base reward {numbers['base_reward']:.2f}); prompts the "
         f"reward does not concern: PSNR {numbers['focus-n-fix_psnr_unconcerned']:.2f} vs "
         f"{numbers['draft_psnr_unconcerned']:.2f} dB, SSIM {numbers['focus-n-fix_ssim_unconcerned']:.3f} vs "
         f"{numbers['draft_ssim_unconcerned']:.3f}; problem regions cover {numbers['region_fraction']:.1%} of the "
@@ -191,10 +190,7 @@ def main(argv=None) -> dict[str, float]:
         f"{args.beta:g}, lr {args.learning_rate:g}, K {args.truncate_k} of {args.sampling_steps} DDIM steps, "
         f"red-content width {args.red_width:g}; "
         f"{args.threads} threads, {numbers['seconds']:.0f} s")
-    print(summary)
-    if not args.no_write:
-        write_results("focus_n_fix_toyworld", numbers, summary, argv)
-    return numbers
+    return report("focus_n_fix_toyworld", numbers, summary, argv, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ caption: the rate at which the affected phrase gets the right defect type, the p
 region, and the false-flag rate on correct pictures; with the default a_bound 0.5 and with a_bound calibrated on
 correct training pictures (5th percentile of their noun scores).
 
-Run: python benchmarks/pq_aq_toyworld.py [--pictures 400]
+``ratio`` in the results JSON = PQ's pixel AUROC / the tower without surgery's. No target: the figures are read
+against the ground truth and the baselines above, and RESULTS.md lines state none.
+
+Run: python benchmarks/pq_aq_toyworld.py [--pictures 400] [--no-write]
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import limit_threads, write_results  # noqa: E402
+from common import limit_threads, report  # noqa: E402
 
 from comfyui_refinery.benchmarks.toyworld import data  # noqa: E402
 from comfyui_refinery.benchmarks.toyworld.measures import (  # noqa: E402
@@ -98,9 +101,7 @@ def main(argv=None) -> dict[str, float]:
         f"AQ right-flag {aq_rows['aq_calibrated']['right_flag_rate']:.3f}, pointing {aq_rows['aq_calibrated']['pointing']:.3f}, "
         f"false flags {aq_rows['aq_calibrated']['false_flag_rate_phrases']:.3f} (a_bound {bound:.3f})"
     )
-    if not args.no_write:
-        write_results("pq_aq_toyworld", numbers, summary, argv)
-    return numbers
+    return report("pq_aq_toyworld", numbers, summary, argv, write=not args.no_write)
 
 
 if __name__ == "__main__":

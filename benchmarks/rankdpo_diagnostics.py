@@ -28,8 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import rankdpo_toyworld as bench  # noqa: E402
-from common import limit_threads, write_results  # noqa: E402
+import common  # noqa: E402  (also the toy-world preference evaluation of rankdpo_toyworld.py)
 
 from comfyui_refinery.benchmarks.toyworld import rewards, scenes  # noqa: E402
 from comfyui_refinery.benchmarks.toyworld.train_tiny_sd import classify_object  # noqa: E402
@@ -93,7 +92,7 @@ def random_direction_pictures(pipeline, lora: Path, folder: Path, seed: int, sca
     ``lora`` (written in ``folder``) loaded: (N, 64, 64, 3) in [0, 1]."""
     path = random_direction_lora(lora, folder / f"{lora.stem}-random{seed}-x{scale:.4g}.safetensors", seed, scale)
     pipeline.load_lora_weights(str(path), adapter_name=path.stem.replace(".", "_"))
-    pictures = bench.generate(pipeline, captions, bench.EVAL_NOISE_SEED, 20, 4.0)
+    pictures = common.generate(pipeline, captions, common.EVAL_NOISE_SEED, 20, 4.0)
     pipeline.unload_lora_weights()
     return pictures
 
@@ -105,45 +104,44 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--random-directions", type=int, default=4, help="random-direction LoRAs per trained LoRA")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
-    threads = args.threads or limit_threads()
-    torch.set_num_threads(threads)
-    reward_table = bench.all_rewards()
+    threads = common.limit_threads(args.threads)
+    reward_table = common.all_rewards()
     reward_models = list(reward_table.values())
     numbers: dict[str, float] = {}
 
     captions, variants = rendered_variants(64)
     for variant, pictures in variants.items():
-        for name, values in bench.score_all(reward_models, pictures, captions).items():
+        for name, values in common.score_all(reward_models, pictures, captions).items():
             numbers[f"rendered_{variant}_mean_{name}"] = float(values.mean())
 
-    eval_captions = rewards.single_object_captions(args.eval_prompts, bench.HELD_OUT_CAPTION_SEED)
+    eval_captions = rewards.single_object_captions(args.eval_prompts, common.HELD_OUT_CAPTION_SEED)
     large = torch.tensor([" large " in caption for caption in eval_captions])
-    judge = reward_table[bench.JUDGE]
-    pipeline = bench.load_pipeline()
-    base = bench.generate(pipeline, eval_captions, bench.EVAL_NOISE_SEED, 20, 4.0)
+    judge = reward_table[common.JUDGE]
+    pipeline = common.load_pipeline()
+    base = common.generate(pipeline, eval_captions, common.EVAL_NOISE_SEED, 20, 4.0)
     base_judge, base_border = judge.score(base, eval_captions), border_tone_judge(base, eval_captions)
     numbers["base_mean_border_judge"] = float(base_border.mean())
-    for loss in bench.LOSSES:
-        pipeline.load_lora_weights(str(bench.SHIPPED_LORAS / f"{loss}.safetensors"), adapter_name=loss)
-        tuned = bench.generate(pipeline, eval_captions, bench.EVAL_NOISE_SEED, 20, 4.0)
+    for loss in common.LOSSES:
+        pipeline.load_lora_weights(str(common.SHIPPED_LORAS / f"{loss}.safetensors"), adapter_name=loss)
+        tuned = common.generate(pipeline, eval_captions, common.EVAL_NOISE_SEED, 20, 4.0)
         pipeline.unload_lora_weights()
         tuned_judge, tuned_border = judge.score(tuned, eval_captions), border_tone_judge(tuned, eval_captions)
         numbers[f"{loss}_judge_lost"] = float((tuned_judge < base_judge).sum())
         numbers[f"{loss}_judge_gained"] = float((tuned_judge > base_judge).sum())
-        numbers[f"{loss}_judge_win_large"] = bench.win_rate(tuned_judge[large], base_judge[large])
-        numbers[f"{loss}_judge_win_small"] = bench.win_rate(tuned_judge[~large], base_judge[~large])
-        numbers[f"{loss}_border_judge_win"] = bench.win_rate(tuned_border, base_border)
+        numbers[f"{loss}_judge_win_large"] = common.win_rate(tuned_judge[large], base_judge[large])
+        numbers[f"{loss}_judge_win_small"] = common.win_rate(tuned_judge[~large], base_judge[~large])
+        numbers[f"{loss}_border_judge_win"] = common.win_rate(tuned_border, base_border)
         numbers[f"{loss}_mean_border_judge"] = float(tuned_border.mean())
         numbers[f"{loss}_change"] = float((tuned - base).abs().mean())
         wins, changes, norm_matched_changes = [], [], []
         with tempfile.TemporaryDirectory() as scratch:
-            lora = bench.SHIPPED_LORAS / f"{loss}.safetensors"
+            lora = common.SHIPPED_LORAS / f"{loss}.safetensors"
             for seed in range(args.random_directions):
                 moved = random_direction_pictures(pipeline, lora, Path(scratch), seed, 1.0, eval_captions)
                 norm_matched_changes.append(float((moved - base).abs().mean()))
                 scale = numbers[f"{loss}_change"] / max(norm_matched_changes[-1], 1e-6)
                 moved = random_direction_pictures(pipeline, lora, Path(scratch), seed, scale, eval_captions)
-                wins.append(bench.win_rate(judge.score(moved, eval_captions), base_judge))
+                wins.append(common.win_rate(judge.score(moved, eval_captions), base_judge))
                 changes.append(float((moved - base).abs().mean()))
         if wins:
             numbers[f"{loss}_random_direction_norm_matched_change"] = float(np.mean(norm_matched_changes))
@@ -164,14 +162,11 @@ def main(argv=None) -> dict[str, float]:
            f"{numbers[f'{loss}_random_direction_judge_win']:.3f} ({numbers[f'{loss}_random_direction_judge_win_min']:.3f}"
            f"-{numbers[f'{loss}_random_direction_judge_win_max']:.3f}), change "
            f"{numbers[f'{loss}_random_direction_change']:.3f}" if args.random_directions else "")
-        for loss in bench.LOSSES)
+        for loss in common.LOSSES)
     summary = (f"rendered scenes, right / empty / recoloured: {rendered}. Shipped LoRAs against the base on "
                f"{len(eval_captions)} held-out captions ({int(large.sum())} large objects): {per_loss}; "
                f"{threads} threads")
-    print(summary)
-    if not args.no_write:
-        write_results("rankdpo_diagnostics", numbers, summary, argv)
-    return numbers
+    return common.report("rankdpo_diagnostics", numbers, summary, argv, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,20 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import limit_threads, write_results  # noqa: E402
+from common import (  # noqa: E402
+    EVAL_NOISE_SEED,
+    HELD_OUT_CAPTION_SEED,
+    JUDGE,
+    LOSSES,
+    SHIPPED_LORAS,
+    all_rewards,
+    generate,
+    limit_threads,
+    load_pipeline,
+    report,
+    score_all,
+    win_rate,
+)
 
 from comfyui_refinery.benchmarks.toyworld import data, rewards  # noqa: E402
 from comfyui_refinery.core.rankdpo import DISCOUNT_RANKS  # noqa: E402
@@ -62,54 +75,12 @@ from comfyui_refinery.trainers.common.atomic import atomic_write_text  # noqa: E
 from comfyui_refinery.trainers.rankdpo import train as rankdpo_trainer  # noqa: E402
 
 TRAIN_CAPTION_SEED = 101
-HELD_OUT_CAPTION_SEED = 202
-EVAL_NOISE_SEED = 303
 SELECTION_NOISE_SEED = 5000
-LOSSES = ("rankdpo", "dpo")
-JUDGE = "attribute-judge"
 TRAINING_REWARD_CHOICES = ("toy-clip", "toy-alignment-a", "toy-quality-p")
-SHIPPED_LORAS = data.MODELS_DIR / "loras"
 # --generator-set mixed: k = 4 sampler settings of tiny-sd, (sampling steps, guidance), of increasing quality (judge
 # mean on the 96 evaluation captions: 0.214, 0.245, 0.271, 0.30), the toy counterpart of the paper's four generators of
 # different strength; the third is the base model's own setting (--sampling-steps 20, --guidance 4).
 MIXED_GENERATORS = ((5, 4.0), (20, 1.0), (20, 4.0), (40, 7.0))
-
-
-def load_pipeline():
-    from comfyui_refinery.trainers.common.model_loading import load_sd_pipeline
-
-    pipeline = load_sd_pipeline(data.TOY_SD_FOLDER)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-@torch.no_grad()
-def generate(pipeline, captions: list[str], seed: int, steps: int, guidance: float, batch_size: int = 32) -> torch.Tensor:
-    """One picture per caption, caption i from the noise of generator seed ``seed + i``: (N, 64, 64, 3) in [0, 1]."""
-    pictures = []
-    for start in range(0, len(captions), batch_size):
-        chunk = captions[start : start + batch_size]
-        generators = [torch.Generator().manual_seed(seed + start + offset) for offset in range(len(chunk))]
-        output = pipeline(chunk, num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
-                          generator=generators, output_type="pt").images  # (b, 3, H, W) in [0, 1]
-        pictures.append(output.permute(0, 2, 3, 1).float().clamp(0, 1))
-    return torch.cat(pictures)
-
-
-@torch.no_grad()
-def score_all(reward_models: list, pictures: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
-    return {reward.name: reward.score(pictures, captions).float().cpu() for reward in reward_models}
-
-
-def win_rate(tuned: torch.Tensor, base: torch.Tensor) -> float:
-    """Fraction of items where ``tuned`` beats ``base`` (ties half)."""
-    return float(((tuned > base).float() + 0.5 * (tuned == base).float()).mean())
-
-
-def all_rewards() -> dict:
-    """The four toy rewards by name (``benchmarks/toyworld/rewards.py``)."""
-    return {reward.name: reward for reward in (rewards.toy_clip_score(), rewards.ToyAlignmentReward(),
-                                               rewards.ToyQualityReward(), rewards.AttributeJudge())}
 
 
 def generator_settings(args: argparse.Namespace) -> list[tuple[int, float]]:
@@ -247,8 +218,7 @@ def target_met(numbers: dict[str, float], budget: int, reward_names) -> bool:
 
 def main(argv=None) -> dict[str, float]:
     args = parse_args(argv)
-    args.threads = args.threads or limit_threads()
-    torch.set_num_threads(args.threads)
+    args.threads = limit_threads(args.threads)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work_dir or Path(scratch)
@@ -332,10 +302,7 @@ def main(argv=None) -> dict[str, float]:
                f"{numbers['eval_captions_seen_in_training']:.0f} of them among the training ones), beta "
                f"{args.beta:g}, DCG ranks by the {args.dcg_ranks}; "
                f"{args.threads} threads, {numbers['seconds']:.0f} s")
-    print(summary)
-    if not args.no_write:
-        write_results("rankdpo_toyworld", numbers, summary, argv)
-    return numbers
+    return report("rankdpo_toyworld", numbers, summary, argv, write=not args.no_write)
 
 
 if __name__ == "__main__":

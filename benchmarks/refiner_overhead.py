@@ -69,7 +69,7 @@ TESTS_DIR = PACK_ROOT / "tests"
 sys.path.insert(0, str(BENCHMARKS_DIR))
 sys.path.insert(0, str(TESTS_DIR))  # the ComfyUI harness and the random SD1.5 builder live with the tests
 from comfyui_harness import ComfyHarness, find_comfyui
-from common import limit_threads, write_results
+from common import limit_threads, report, with_target
 
 PROMPT = "a red fox sitting on a mossy rock beside a wooden bridge, a tall pine tree, a white cloud in a blue sky"
 NEGATIVE = "blurry, low quality"
@@ -361,8 +361,8 @@ def main(argv=None) -> dict[str, float]:
     numbers["plain_other_seconds"] = plain_seconds - sum(numbers[key] for key in (
         "plain_text_encode_seconds", "plain_sampling_seconds", "plain_vae_seconds"))
     summary = (
-        f"G-Refine {refiner_seconds:.1f} s vs plain KSampler img2img {plain_seconds:.1f} s, ratio {numbers['ratio']:.3f} "
-        f"(target <= 1.10; median of pair ratios {numbers['ratio_pairs_median']:.3f}; CPU-time ratio "
+        f"G-Refine {refiner_seconds:.1f} s vs plain KSampler img2img {plain_seconds:.1f} s, ratio "
+        f"{with_target(numbers['ratio'], '<=', 1.10)} (median of pair ratios {numbers['ratio_pairs_median']:.3f}; CPU-time ratio "
         f"{numbers['cpu_ratio']:.3f}); {args.size}x{args.size}, {args.steps} steps ({stage1_steps}+{stage2_steps}), euler/normal, "
         f"cfg {SAMPLING['cfg']:g}, random SD1.5 + random ViT-B-16 quality CLIP, stage 1 on "
         f"{numbers['stage1_mask_percent']:.0f}% of the pixels at strength {numbers['stage1_strength']:.2f} (plain "
@@ -372,10 +372,7 @@ def main(argv=None) -> dict[str, float]:
         f"{numbers['plain_vae_seconds']:.1f} s; median of {args.repeats}, interleaved, {cores} threads, CPU, "
         f"load {load_before:.1f}-{numbers['load_average_end']:.1f}"
     )
-    print(summary)
-    if not args.no_write:
-        write_results("refiner_overhead", numbers, summary, argv)
-    return numbers
+    return report("refiner_overhead", numbers, summary, argv, write=not args.no_write)
 
 
 def format_split(split: dict[str, float]) -> str:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import limit_threads, write_results  # noqa: E402
+from common import limit_threads, report  # noqa: E402
 
 from comfyui_refinery.benchmarks.toyworld import data, defects, judge, scenes  # noqa: E402
 from comfyui_refinery.benchmarks.toyworld.measures import (  # noqa: E402
@@ -268,9 +268,7 @@ def main(argv=None) -> dict[str, float]:
     summary = "; ".join(f"{key} {numbers[key]:.3f} ({'met' if met[key] else 'missed'})"
                         for key in TARGETS if key in numbers)
     summary += f"; {int(numbers['targets_met'])} of {len(TARGETS)} targets met"
-    if not args.no_write:
-        write_results("toyworld_models", numbers, summary, argv)
-    return numbers
+    return report("toyworld_models", numbers, summary, argv, write=not args.no_write)
 
 
 if __name__ == "__main__":
