@@ -27,6 +27,7 @@ refiner's plan then leaves a out of the stage-1 strength, which follows p alone 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -44,6 +45,9 @@ ADJECTIVE_UNMATCHED = "adjective unmatched"
 EMPTY_PROMPT_SCORE = 1.0
 """Alignment score a of an empty or noun-less prompt: nothing was asked, so nothing is misaligned (documented
 neutral result; the refiner's stage-1 strength then follows p alone)."""
+PARSE_CACHE_SIZE = 256
+"""Prompts whose parse :func:`alignment_quality` keeps (the parse, pure Python, costs about as much as the rest of
+the AQ-Map arithmetic; a batch under one prompt, or a node run again, parses once)."""
 DEFAULT_TEMPERATURE = 10.0
 """Softmax temperature of eq. 5 (phrase and noun scores) and of eq. 8's global term g: the official AQ script's 10.
 CLIP's own logit scale (about 100) saturates the scores to 0/1."""
@@ -183,11 +187,8 @@ def alignment_quality(
     scores = torch.empty(batch)
     emphasized, reports, warnings, has_target = [], [], [], []
     empty_features = encoder.encode_text([""])[0]
-    parsed_cache: dict[str, ParsedPrompt] = {}
     for index, prompt in enumerate(prompts):
-        if prompt not in parsed_cache:
-            parsed_cache[prompt] = parse_prompt(prompt)
-        parsed = parsed_cache[prompt]
+        parsed = _parse_prompt_cached(prompt)
         notes = _length_warnings(encoder, parsed)
         if not parsed.phrases:
             what = "no noun in the prompt" if parsed.text else "empty prompt"
@@ -239,6 +240,13 @@ def alignment_quality(
         warnings=warnings,
         has_target=has_target,
     )
+
+
+@functools.lru_cache(maxsize=PARSE_CACHE_SIZE)
+def _parse_prompt_cached(prompt: str) -> ParsedPrompt:
+    """:func:`.prompt_parsing.parse_prompt`, remembered for the last :data:`PARSE_CACHE_SIZE` prompts (the result is
+    read, never changed, here)."""
+    return parse_prompt(prompt)
 
 
 def _length_warnings(encoder: SurgeryCLIP, parsed: ParsedPrompt) -> list[str]:

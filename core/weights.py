@@ -144,6 +144,12 @@ def load_state_dict(path: str | os.PathLike, what: str = "weights file") -> dict
     unwrapping a ``{"state_dict": ...}`` container. Raises FileNotFoundError for a missing file and ValueError,
     naming the file, ``what`` it should have been and what is wrong with it, for anything unreadable.
     """
+    return read_state_dict(path, what)[0]
+
+
+def read_state_dict(path: str | os.PathLike, what: str = "weights file") -> tuple[dict[str, torch.Tensor], bool]:
+    """``(state_dict, wrapped)``: :func:`load_state_dict`, and whether the file held the state dict in a
+    ``{"state_dict": ...}`` container (the layout of e.g. the HPSv2 release; always False for safetensors)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"The {what} '{path}' does not exist. Check the path or the model folder.")
@@ -152,7 +158,7 @@ def load_state_dict(path: str | os.PathLike, what: str = "weights file") -> dict
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path), device="cpu")
+            return load_file(str(path), device="cpu"), False
         except Exception as error:  # safetensors raises several private error types
             reason = diagnose_weight_file(path)
             raise ValueError(
@@ -162,11 +168,12 @@ def load_state_dict(path: str | os.PathLike, what: str = "weights file") -> dict
             ) from error
     if suffix in TORCH_SUFFIXES:
         loaded = load_torch_file(path, what)
-        if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        wrapped = isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict)
+        if wrapped:
             loaded = loaded["state_dict"]
         if not isinstance(loaded, dict) or not all(isinstance(value, torch.Tensor) for value in loaded.values()):
             raise ValueError(f"The {what} '{path.name}' holds a {type(loaded).__name__}, not a tensor state dict.")
-        return loaded
+        return loaded, wrapped
     raise ValueError(
         f"The {what} '{path.name}' has the extension '{path.suffix}'; expected one of "
         f"{SAFETENSORS_SUFFIXES + TORCH_SUFFIXES}."

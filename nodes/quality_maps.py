@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 import torch
 from comfy_api.latest import io, ui
 
+import comfy.model_management
+import comfy.utils
 import folder_paths
 
-from ..core import aq_map, clip_surgery, masks, pq_map, visualize
+from ..core import aq_map, clip_surgery, masks, open_clip_files, pq_map, quality_maps, visualize
+from ..core.quality_maps import Progress, QualityMaps
 from .comfy_io import (
     QUALITY_CLIP_FOLDER,
     QUALITY_PROMPTS_FOLDER,
-    batch_chunks,
     check_images,
     check_mask,
     list_weight_files,
@@ -65,8 +66,8 @@ class QualityModelLoader(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "architecture",
-                    options=[clip_surgery.AUTO_ARCHITECTURE] + clip_surgery.list_architectures(),
-                    default=clip_surgery.AUTO_ARCHITECTURE,
+                    options=[open_clip_files.AUTO_ARCHITECTURE] + clip_surgery.list_architectures(),
+                    default=open_clip_files.AUTO_ARCHITECTURE,
                     tooltip="The open_clip architecture of the checkpoint. 'auto' reads <checkpoint name>.json (an "
                     "open_clip model config) beside it. OpenAI ViT-B/16 weights: ViT-B-16-quickgelu.",
                 ),
@@ -86,7 +87,7 @@ class QualityModelLoader(io.ComfyNode):
     def fingerprint_inputs(cls, checkpoint: str, architecture: str, surgery_depth: int):
         """Every file the load reads (weights, shards, the configs beside them), so replacing any reloads."""
         path = folder_paths.get_full_path(QUALITY_CLIP_FOLDER, checkpoint)
-        return (checkpoint, *paths_fingerprint(clip_surgery.quality_clip_files(path) if path else []))
+        return (checkpoint, *paths_fingerprint(open_clip_files.checkpoint_files(path) if path else []))
 
     @classmethod
     def execute(cls, checkpoint: str, architecture: str, surgery_depth: int) -> io.NodeOutput:
@@ -136,54 +137,27 @@ class QualityPromptsLoader(io.ComfyNode):
         return io.NodeOutput(pq_map.load_prompt_embeddings(resolve_model_file(QUALITY_PROMPTS_FOLDER, prompts)))
 
 
-@dataclass
-class QualityMaps:
-    """Maps of a batch; the fields of a map not asked for are None / empty.
-
-    perceptual_map P, alignment_map A: (B, H, W) in [0, 1]; perceptual_score p, alignment_score a: (B,);
-    emphasized_prompts, reports, warnings: one entry per image (AQ-Map)."""
-
-    perceptual_map: torch.Tensor | None = None
-    perceptual_score: torch.Tensor | None = None
-    alignment_map: torch.Tensor | None = None
-    alignment_score: torch.Tensor | None = None
-    emphasized_prompts: list = field(default_factory=list)
-    reports: list = field(default_factory=list)
-    warnings: list = field(default_factory=list)
+def compute_quality_maps(quality_clip, images: torch.Tensor, *, progress: bool = True, **settings) -> QualityMaps:
+    """:func:`..core.quality_maps.compute_quality_maps` (``settings``: its knobs) on ComfyUI's compute device, in
+    chunks of :data:`IMAGES_PER_FORWARD` images, sharing each chunk's image forward with the other map nodes on the
+    same pixels and model. progress: advance a ProgressBar per chunk (False for a node that has its own bar;
+    interrupts are honoured between chunks either way)."""
+    with on_compute_device(quality_clip) as encoder:
+        return quality_maps.compute_quality_maps(encoder, images, chunk_size=IMAGES_PER_FORWARD, reuse_features=True,
+                                                 progress=_chunk_progress(images.shape[0], progress), **settings)
 
 
-def compute_quality_maps(quality_clip, images: torch.Tensor, *, perceptual: bool = True, quality_prompts=None,
-                         alpha=pq_map.DEFAULT_ALPHA, temperature: float = 0.0, prompt: str | None = None,
-                         noun_bound: float = 0.5, phrase_bound: float = 0.5, emphasis: float = 1.1,
-                         progress: bool = True) -> QualityMaps:
-    """PQ-Map (when ``perceptual``) and AQ-Map (when ``prompt`` is not None) of images (B, H, W, 3) in [0, 1]: one
-    quality-model forward per chunk of images serves both, on ComfyUI's device. progress: advance a ProgressBar
-    (False for a node that has its own bar; interrupts are honoured either way)."""
-    prompts = quality_prompts if quality_prompts is not None else pq_map.text_quality_prompts()
-    parts: dict[str, list] = {"P": [], "p": [], "A": [], "a": []}
-    result = QualityMaps()
-    with on_compute_device(quality_clip) as encoder, torch.inference_mode():
-        prompt_features = pq_map.encode_quality_prompts(encoder, prompts) if perceptual else None
-        for part in batch_chunks(images.shape[0], IMAGES_PER_FORWARD, progress):
-            features = encoder.encode_image(images[part])
-            if perceptual:
-                quality = pq_map.perceptual_quality(features, prompt_features, temperature or encoder.logit_scale,
-                                                    alpha)
-                parts["P"].append(quality.map.cpu())
-                parts["p"].append(quality.score.cpu())
-            if prompt is not None:
-                alignment = aq_map.alignment_quality(encoder, features, [prompt] * (part.stop - part.start),
-                                                     noun_bound, phrase_bound, emphasis)
-                parts["A"].append(alignment.map.cpu())
-                parts["a"].append(alignment.score.cpu())
-                result.emphasized_prompts += alignment.emphasized_prompts
-                result.reports += alignment.reports
-                result.warnings += alignment.warnings
-    if perceptual:
-        result.perceptual_map, result.perceptual_score = torch.cat(parts["P"]), torch.cat(parts["p"])
-    if prompt is not None:
-        result.alignment_map, result.alignment_score = torch.cat(parts["A"]), torch.cat(parts["a"])
-    return result
+def _chunk_progress(total: int, show: bool) -> Progress:
+    """The core's per-chunk progress callback: moves a ComfyUI ProgressBar of ``total`` images (when ``show``) to
+    the images done, then raises on a pending interrupt."""
+    bar = comfy.utils.ProgressBar(total) if show else None
+
+    def progress(done: int, batch: int) -> None:
+        if bar is not None and done:
+            bar.update_absolute(done, batch)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    return progress
 
 
 class PerceptualQualityMap(io.ComfyNode):

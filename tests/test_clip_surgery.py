@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from comfyui_refinery.core import clip_surgery
 from comfyui_refinery.core.clip_surgery import SurgeryCLIP, load_quality_clip
-from tiny_models import TINY_VIT_CONFIG, build_tiny_vit
+from tiny_models import TINY_VIT_CONFIG, build_tiny_vit, torch_threads
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +197,76 @@ def test_a_damaged_checkpoint_is_named_with_what_is_wrong(tiny_checkpoint, tmp_p
                          "random bytes": bytes(range(7, 256)) * 16}[damage])
     with pytest.raises(ValueError, match=f"'damaged.safetensors' is {reason}"):
         load_quality_clip(damaged, "ViT-B-16")
+
+
+def test_a_picture_gets_the_same_features_anywhere_in_a_batch(encoder):
+    """The shortened last block (CLS token only) keeps what the full forward guaranteed: the same picture three
+    times in a batch gives bit-identical features, on several threads too (a test asserts equal scores)."""
+    picture = torch.rand(1, 40, 56, 3)
+    batch = torch.cat([picture, torch.rand(1, 40, 56, 3), picture, picture])
+    for threads in (1, 2):
+        with torch_threads(threads):
+            features = encoder.encode_image(batch)
+        for index in (2, 3):
+            assert torch.equal(features.cls_embedding[index], features.cls_embedding[0]), threads
+            assert torch.equal(features.patch_features[index], features.patch_features[0]), threads
+
+
+def count_image_forwards(encoder) -> list:
+    """A list that grows by one entry per image forward of ``encoder`` (its patch embedding runs); remove the hook
+    with ``forwards.hook.remove()``."""
+    forwards = _Forwards()
+    forwards.hook = encoder.model.visual.conv1.register_forward_hook(lambda *_: forwards.append(1))
+    return forwards
+
+
+class _Forwards(list):
+    hook = None
+
+
+def test_cached_image_features_are_reused_only_for_the_same_pixels(encoder):
+    images = torch.rand(2, 40, 56, 3)
+    forwards = count_image_forwards(encoder)
+    try:
+        first = encoder.encode_image(images, cached=True)
+        again = encoder.encode_image(images.clone(), cached=True)  # another tensor, the same pixels
+        assert len(forwards) == 1
+        torch.testing.assert_close(again.patch_features, first.patch_features, rtol=0, atol=0)
+        torch.testing.assert_close(first.cls_embedding, encoder.encode_image(images).cls_embedding, rtol=0, atol=0)
+        assert len(forwards) == 2  # cached=False always runs the forward
+        images[1, 3, 5, 0] += 1e-3  # one value changed in place
+        changed = encoder.encode_image(images, cached=True)
+        assert len(forwards) == 3
+        assert not torch.equal(changed.patch_features[1], first.patch_features[1])
+        encoder.encode_image(images, use_surgery=False, cached=True)  # the plain patch tokens are other features
+        assert len(forwards) == 4
+    finally:
+        forwards.hook.remove()
+
+
+def test_the_text_feature_cache_is_bounded(encoder, monkeypatch):
+    monkeypatch.setattr(clip_surgery, "TEXT_CACHE_SIZE", 2)
+    small = SurgeryCLIP(encoder.model, encoder.architecture, tokenizer=encoder.tokenizer)
+    text_forwards = []
+    hook = encoder.model.token_embedding.register_forward_hook(lambda module, inputs, output: text_forwards.append(
+        inputs[0].shape[0]))
+    try:
+        first = small.encode_text(["a cat", "a dog"])
+        small.encode_text(["a hat"])  # the cache holds two texts: "a cat" is dropped, the oldest
+        again = small.encode_text(["a dog", "a hat", "a cat"])  # one text forward, for "a cat" alone
+    finally:
+        hook.remove()
+    assert text_forwards == [2, 1, 1]
+    torch.testing.assert_close(again[[2, 0]], first, rtol=0, atol=1e-6)
+    assert len(small._text_cache) == 2
+
+
+def test_lru_cache_drops_the_least_recently_used_entry():
+    cache = clip_surgery.LruCache(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # "a" is now the most recent
+    cache.put("c", 3)
+    assert "b" not in cache and cache.get("a") == 1 and cache.get("c") == 3 and len(cache) == 2
+    with pytest.raises(ValueError, match="capacity >= 1"):
+        clip_surgery.LruCache(0)

@@ -16,8 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfyui_refinery.core import clip_surgery
+from comfyui_refinery.core import open_clip_files
 from comfyui_refinery.core.clip_surgery import load_quality_clip
+from comfyui_refinery.core.weights import state_dict_mismatch
 from tiny_models import build_tiny_transformers_clip
 
 pytest.importorskip("transformers")
@@ -109,7 +110,7 @@ def test_a_torch_bin_and_a_sharded_folder_load_too(tmp_path):
     assert len(shards) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     assert_same_embeddings(load_quality_clip(tmp_path / "sharded"), reference)
     assert_same_embeddings(load_quality_clip(shards[-1]), reference)  # one shard picked in a file list: all are read
-    assert set(shards) <= set(clip_surgery.quality_clip_files(shards[0]))
+    assert set(shards) <= set(open_clip_files.checkpoint_files(shards[0]))
 
 
 def test_image_normalisation_comes_from_the_preprocessor_config(tmp_path):
@@ -118,7 +119,7 @@ def test_image_normalisation_comes_from_the_preprocessor_config(tmp_path):
                                                                    "image_std": [0.25, 0.25, 0.25]}))
     encoder = load_quality_clip(tmp_path)
     assert encoder._mean.flatten().tolist() == [0.5, 0.5, 0.5] and encoder._std.flatten().tolist() == [0.25] * 3
-    assert tmp_path / "preprocessor_config.json" in clip_surgery.quality_clip_files(tmp_path / "model.safetensors")
+    assert tmp_path / "preprocessor_config.json" in open_clip_files.checkpoint_files(tmp_path / "model.safetensors")
 
 
 def test_a_lone_file_of_unknown_shapes_without_config_is_refused_with_what_to_do(tmp_path):
@@ -137,10 +138,10 @@ def test_a_lone_file_with_a_release_shape_loads_as_that_release(tmp_path, monkey
     import open_clip
 
     reference = build_tiny_transformers_clip(tmp_path / "hf")
-    config = clip_surgery.open_clip_config_from_transformers(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    config = open_clip_files.open_clip_config_from_transformers(json.loads((tmp_path / "hf" / "config.json").read_text()))
     (tmp_path / "tiny-openai-like.json").write_text(json.dumps(config))
     open_clip.add_model_config(str(tmp_path / "tiny-openai-like.json"))
-    monkeypatch.setattr(clip_surgery, "OPENAI_RELEASES", ("ViT-B-16-quickgelu", "tiny-openai-like"))
+    monkeypatch.setattr(open_clip_files, "OPENAI_RELEASES", ("ViT-B-16-quickgelu", "tiny-openai-like"))
     lone = tmp_path / "alone" / "model.safetensors"
     lone.parent.mkdir()
     shutil.copy(tmp_path / "hf" / "model.safetensors", lone)
@@ -165,15 +166,15 @@ def test_openai_releases_are_recognised_from_their_config_and_their_shapes(relea
     from transformers import CLIPConfig, CLIPModel
 
     hf_config = {"model_type": "clip", "text_config": {}, **OPENAI_CONFIGS[release]}
-    converted_config = clip_surgery.open_clip_config_from_transformers(hf_config)
-    assert clip_surgery.open_clip_name_of(converted_config) == release
+    converted_config = open_clip_files.open_clip_config_from_transformers(hf_config)
+    assert open_clip_files.open_clip_name_of(converted_config) == release
     towers = {key: value for key, value in OPENAI_CONFIGS[release].items() if not key.endswith("_dict")}
     with torch.device("meta"):
         hf_model = CLIPModel(CLIPConfig(**towers))
         open_clip_model = CLIP(**open_clip.get_model_config(release))
-    converted = clip_surgery.convert_transformers_clip(hf_model.state_dict())
-    assert clip_surgery.openai_release_of(converted) == release
-    assert clip_surgery.state_dict_mismatch(converted, open_clip_model.state_dict()) is None
+    converted = open_clip_files.convert_transformers_clip(hf_model.state_dict())
+    assert open_clip_files.openai_release_of(converted) == release
+    assert state_dict_mismatch(converted, open_clip_model.state_dict()) is None
 
 
 def test_an_image_only_checkpoint_is_refused(tmp_path):
@@ -209,18 +210,18 @@ def test_configs_open_clip_cannot_express_are_refused(change, message):
     for key, value in change.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) else value
     with pytest.raises(ValueError, match=message):
-        clip_surgery.open_clip_config_from_transformers(config)
+        open_clip_files.open_clip_config_from_transformers(config)
 
 
 def test_the_defaults_are_transformers_own():
     from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
     text, vision = CLIPTextConfig(), CLIPVisionConfig()
-    assert {key: getattr(text, key) for key in clip_surgery.TRANSFORMERS_TEXT_DEFAULTS} == \
-        clip_surgery.TRANSFORMERS_TEXT_DEFAULTS
-    assert {key: getattr(vision, key) for key in clip_surgery.TRANSFORMERS_VISION_DEFAULTS} == \
-        clip_surgery.TRANSFORMERS_VISION_DEFAULTS
-    assert CLIPConfig().projection_dim == clip_surgery.TRANSFORMERS_PROJECTION_DEFAULT
+    assert {key: getattr(text, key) for key in open_clip_files.TRANSFORMERS_TEXT_DEFAULTS} == \
+        open_clip_files.TRANSFORMERS_TEXT_DEFAULTS
+    assert {key: getattr(vision, key) for key in open_clip_files.TRANSFORMERS_VISION_DEFAULTS} == \
+        open_clip_files.TRANSFORMERS_VISION_DEFAULTS
+    assert CLIPConfig().projection_dim == open_clip_files.TRANSFORMERS_PROJECTION_DEFAULT
 
 
 def test_open_clip_tokenizer_gives_the_ids_of_transformers_clip_tokenizer():

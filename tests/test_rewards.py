@@ -514,7 +514,7 @@ def test_loading_errors_users_can_act_on(tiny_checkpoint, tmp_path):
     other = json.loads(json.dumps(TINY_VIT_CONFIG))
     other["text_cfg"]["layers"] = 1
     build_tiny_vit(tmp_path, "other-reward-vit", other)
-    with pytest.raises(ValueError, match=r"another architecture than 'tiny-reward-vit': 12 missing"):
+    with pytest.raises(ValueError, match=r"does not match architecture 'tiny-reward-vit': 12 missing"):
         load_clip_score(tmp_path / "other-reward-vit.safetensors", architecture=ARCH)
     pickled = tmp_path / "code.pt"
     torch.save({"state_dict": NotAStateDict()}, pickled)

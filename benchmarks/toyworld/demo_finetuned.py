@@ -1,5 +1,6 @@
-"""The demo's "refined models" part: the LoRAs the benchmarks trained on tiny-sd and shipped in
-``models/loras/`` (``<method>.safetensors``, written with ``core/lora_export.py``) against the base model.
+"""The demo's "refined models" part (``refinery-demo``, ``comfyui_refinery.demo``): the LoRAs the benchmarks trained on
+tiny-sd and shipped in ``models/loras/`` (``<method>.safetensors``, written with ``core/lora_export.py``) against the
+base model.
 
 Each model draws the same held-out captions from the same initial noise; the pictures are scored with the toy
 rewards (toy-clip CLIPScore, the G-Refine alignment score a, toy PQ score p, the attribute judge, red content),

@@ -27,9 +27,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
-
-from ..weights import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, load_torch_file
+from ..open_clip_files import is_open_clip_state_dict
+from ..weights import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, read_state_dict
 from .aesthetic import aesthetic_head_format, load_aesthetic
 from .base import REWARD_KINDS, RewardModel, example_keys, guess_model_family
 from .clip_score import load_clip_score
@@ -49,13 +48,6 @@ _PRELOADED_OPTION = {"clip-score": "state_dict", "hpsv2": "state_dict", "aesthet
 """The loader argument that takes a state dict "auto" has already read (so the file is read once)."""
 
 
-def _is_open_clip_state_dict(keys) -> bool:
-    """True for the keys of an open_clip CLIP (CLIP or CustomTextCLIP), DDP ``module.`` prefixes allowed."""
-    keys = {key.removeprefix("module.") for key in keys}
-    has_text = "token_embedding.weight" in keys or any(key.startswith("text.") for key in keys)
-    return has_text and any(key.startswith("visual.") for key in keys)
-
-
 def _not_a_reward(path: Path, keys) -> ValueError:
     family = guess_model_family(keys)
     return ValueError(
@@ -71,17 +63,6 @@ def _ambiguous_clip(path: Path) -> ValueError:
         f"'{path.name}' is an open_clip CLIP state dict without reward metadata: it may be a plain CLIP (kind="
         f"'clip-score') or an HPSv2 checkpoint converted to this file type (kind='hpsv2'). Choose the kind."
     )
-
-
-def _read_torch_checkpoint(path: Path) -> tuple[dict, bool]:
-    """``(state_dict, wrapped)`` of a torch file read with ``weights_only=True``; wrapped = it was
-    ``{"state_dict": ...}`` (the HPSv2 release layout)."""
-    loaded = load_torch_file(path, what="reward model file")
-    wrapped = isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict)
-    state_dict = loaded["state_dict"] if wrapped else loaded
-    if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
-        raise ValueError(f"'{path.name}' holds a {type(state_dict).__name__}, not a tensor state dict.")
-    return state_dict, wrapped
 
 
 def _detect_folder(path: Path) -> str:
@@ -106,14 +87,14 @@ def _detect_file(path: Path) -> tuple[str, dict | None]:
             keys = list(handle.keys())
         if aesthetic_head_format(keys):
             return "aesthetic", None
-        if _is_open_clip_state_dict(keys):
+        if is_open_clip_state_dict(keys):
             raise _ambiguous_clip(path)
         raise _not_a_reward(path, keys)
     if suffix in TORCH_SUFFIXES:
-        state_dict, wrapped = _read_torch_checkpoint(path)
+        state_dict, wrapped = read_state_dict(path, what="reward model file")  # wrapped: the HPSv2 layout
         if aesthetic_head_format(state_dict):
             return "aesthetic", state_dict
-        if _is_open_clip_state_dict(state_dict):
+        if is_open_clip_state_dict(state_dict):
             if wrapped:
                 return "hpsv2", state_dict
             raise _ambiguous_clip(path)

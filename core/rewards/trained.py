@@ -24,15 +24,10 @@ from typing import Any
 
 import torch
 
-from ..weights import load_state_dict, save_safetensors_atomic
+from ..open_clip_files import build_open_clip, check_open_clip_config, load_open_clip_weights, open_clip_tokenizer
+from ..weights import load_state_dict, save_safetensors_atomic, state_dict_mismatch
 from .base import DEFAULT_BATCH_SIZE
-from .clip_score import (
-    OpenClipReward,
-    _check_open_clip_config,
-    build_open_clip,
-    load_open_clip_weights,
-    open_clip_tokenizer,
-)
+from .clip_score import OpenClipReward
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +47,7 @@ def trained_reward_metadata(
 ) -> dict[str, str]:
     """The metadata block of a "reward-clip/1" file (module docstring). ``training`` may be a dict (written as JSON;
     values JSON cannot hold, such as paths, are written as strings) or an already-serialised string."""
-    _check_open_clip_config(config_dict, "config_dict")
+    check_open_clip_config(config_dict, "config_dict")
     return {
         KEY_FORMAT: REWARD_FORMAT,
         KEY_METHOD: method,
@@ -68,15 +63,11 @@ def _check_state_dict_fits(state_dict: Mapping[str, torch.Tensor], config_dict: 
     load is refused at save time rather than after training."""
     with torch.device("meta"):
         reference = build_open_clip(config_dict).state_dict()
-    missing = sorted(set(reference) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(reference))
-    mismatched = sorted(key for key in set(reference) & set(state_dict) if reference[key].shape != state_dict[key].shape)
-    if missing or unexpected or mismatched:
+    details = state_dict_mismatch(state_dict, reference)
+    if details:
         raise ValueError(
-            f"The model does not match its config_dict: {len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} "
-            f"unexpected (e.g. {unexpected[:3]}), {len(mismatched)} of another shape (e.g. {mismatched[:3]}). Pass the "
-            f"unwrapped open_clip model (no DDP 'module.' or torch.compile '_orig_mod.' prefix) and the config it was "
-            f"built from."
+            f"The model does not match its config_dict: {details}. Pass the unwrapped open_clip model (no DDP "
+            f"'module.' or torch.compile '_orig_mod.' prefix) and the config it was built from."
         )
 
 
@@ -136,7 +127,7 @@ def parse_trained_reward_metadata(metadata: Mapping[str, str], source: str) -> t
         config = json.loads(metadata[KEY_CONFIG])
     except (KeyError, ValueError) as error:
         raise ValueError(f"'{source}' lacks a readable {KEY_CONFIG} entry ({error}): the file is damaged.") from error
-    _check_open_clip_config(config, f"The {KEY_CONFIG} of '{source}'")
+    check_open_clip_config(config, f"The {KEY_CONFIG} of '{source}'")
     return config, metadata.get(KEY_ARCHITECTURE, "")
 
 

@@ -7,9 +7,12 @@ picture and scores the refined pictures again, and writes a picture grid (image 
 picture | mask Bi(1-P+A) | refined | ground truth) and a short markdown report (p and a before and after) into an
 output folder, which it prints. ``--no-refine`` skips the refiner.
 
-Refined models: when LoRAs trained by the benchmarks are shipped in ``models/loras/`` (``demo_finetuned.py``), the
-base tiny-sd and each LoRA draw the same held-out captions from the same noise; ``finetuned.png`` shows them side by
-side and the report adds their mean toy rewards. ``--no-finetuned`` skips this part.
+The toy world and its models live in ``benchmarks/toyworld/``; this module is the shipped console script.
+
+Refined models: when LoRAs trained by the benchmarks are shipped in ``benchmarks/toyworld/models/loras/``
+(``benchmarks/toyworld/demo_finetuned.py``), the base tiny-sd and each LoRA draw the same held-out captions from the
+same noise; ``finetuned.png`` shows them side by side and the report adds their mean toy rewards. ``--no-finetuned``
+skips this part.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ...core import aq_map, masks, pq_map, visualize
-from ...core.clip_surgery import SurgeryCLIP, load_quality_clip
-from ...core.refine_plan import ImagePlan, RefinerSettings, plan_refinement
-from . import data, defects, scenes
-from .train_prompts import load_alpha
+from .benchmarks.toyworld import data, defects, scenes
+from .benchmarks.toyworld.train_prompts import load_alpha
+from .core import masks, pq_map, visualize
+from .core.clip_surgery import load_quality_clip
+from .core.quality_maps import QualityMaps, compute_quality_maps
+from .core.refine_plan import ImagePlan, RefinerSettings, plan_refinement
 
 CELL = 160  # pixels per grid cell (64 px pictures are shown enlarged)
 GUIDANCE = 4.0  # classifier-free guidance of the tiny pipeline, generating and refining
@@ -68,7 +72,7 @@ def load_tiny_pipeline():
     """The shipped tiny Stable-Diffusion pipeline, progress bars off (SystemExit naming the extra if diffusers is
     missing)."""
     try:
-        from .sd_pipeline import load_pipeline
+        from .benchmarks.toyworld.sd_pipeline import load_pipeline
     except ImportError as error:
         raise SystemExit(f"The demo needs diffusers and transformers ({error}): pip install 'comfyui-refinery[diffusers]'")
 
@@ -85,24 +89,14 @@ def generate_pictures(pipeline, captions: list[str], steps: int, seed: int) -> t
     return torch.from_numpy(np.asarray(output.images)).float()
 
 
-def quality_maps(encoder: SurgeryCLIP, prompt_features: torch.Tensor, alpha, images: torch.Tensor,
-                 captions: list[str]) -> tuple[pq_map.PerceptualQuality, aq_map.AlignmentQuality]:
-    """PQ-Map (P (N, H, W) in [0, 1], p (N,)) and AQ-Map (A (N, H, W) in [0, 1], a (N,)) of (N, H, W, 3) pictures in
-    [0, 1] against their N captions, from one toy-clip forward."""
-    with torch.inference_mode():
-        features = encoder.encode_image(images)
-        perceptual = pq_map.perceptual_quality(features, prompt_features, encoder.logit_scale, alpha)
-        alignment = aq_map.alignment_quality(encoder, features, captions)
-    return perceptual, alignment
+def refine(pipeline, images: torch.Tensor, maps: QualityMaps, captions: list[str], settings: RefinerSettings,
+           seed: int) -> tuple[torch.Tensor, list[ImagePlan]]:
+    """G-Refine's two stages on (N, H, W, 3) pictures in [0, 1] with their quality maps: returns the refined
+    (N, H, W, 3) pictures in [0, 1] and the plans. Prompted with the plain captions."""
+    from .core.diffusers_refiner import refine_with_pipeline
 
-
-def refine(pipeline, images: torch.Tensor, perceptual: pq_map.PerceptualQuality, alignment: aq_map.AlignmentQuality,
-           captions: list[str], settings: RefinerSettings, seed: int) -> tuple[torch.Tensor, list[ImagePlan]]:
-    """G-Refine's two stages on (N, H, W, 3) pictures in [0, 1]: returns the refined (N, H, W, 3) pictures in [0, 1]
-    and the plans. Prompted with the plain captions."""
-    from ...core.diffusers_refiner import refine_with_pipeline
-
-    plans = plan_refinement(perceptual.map, perceptual.score, alignment.map, alignment.score, captions, settings)
+    plans = plan_refinement(maps.perceptual_map, maps.perceptual_score, maps.alignment_map, maps.alignment_score,
+                            captions, settings)
     result = refine_with_pipeline(pipeline, images, plans, guidance_scale=GUIDANCE, seed=seed, progress=False)
     return result.images, plans
 
@@ -202,15 +196,16 @@ def run(argv=None) -> Path:
     with torch.inference_mode():
         prompt_features = pq_map.encode_quality_prompts(encoder, pq_map.load_prompt_embeddings(data.TOY_PROMPTS))
     alpha = load_alpha(data.TOY_PROMPTS)
-    perceptual, alignment = quality_maps(encoder, prompt_features, alpha, images, captions)
+    knobs = dict(quality_prompts=prompt_features, alpha=alpha, prompt=captions)  # one toy-clip forward per batch
+    maps = compute_quality_maps(encoder, images, **knobs)
     settings = RefinerSettings(total_steps=args.refine_steps, mask=masks.MaskSettings(threshold=args.threshold))
-    binary, _ = masks.refine_mask(perceptual.map, alignment.map, **settings.mask.__dict__)  # (N, H, W) 0/1
-    refined = plans = refined_scores = None
+    binary, _ = masks.refine_mask(maps.perceptual_map, maps.alignment_map, **settings.mask.__dict__)  # (N, H, W) 0/1
+    refined = plans = refined_maps = None
     if not args.no_refine:
-        refined, plans = refine(pipeline, images, perceptual, alignment, captions, settings, args.seed)
-        refined_scores = quality_maps(encoder, prompt_features, alpha, refined, captions)
-    p_overlay = visualize.heatmap_overlay(images, perceptual.map)
-    a_overlay = visualize.heatmap_overlay(images, alignment.map)
+        refined, plans = refine(pipeline, images, maps, captions, settings, args.seed)
+        refined_maps = compute_quality_maps(encoder, refined, **knobs)
+    p_overlay = visualize.heatmap_overlay(images, maps.perceptual_map)
+    a_overlay = visualize.heatmap_overlay(images, maps.alignment_map)
 
     args.output.mkdir(parents=True, exist_ok=True)
     columns = COLUMNS if refined is not None else COLUMNS[:REFINED_COLUMN] + COLUMNS[REFINED_COLUMN + 1 :]
@@ -228,8 +223,8 @@ def run(argv=None) -> Path:
             cells.append(enlarge(refined[index]))
         cells.append(None if truth is None else enlarge(torch.from_numpy(truth).float()))
         rows.append(cells)
-        label, line = describe(index, caption, notes[index], (perceptual, alignment), refined_scores,
-                               None if plans is None else plans[index])
+        plan = None if plans is None else plans[index]
+        label, line = describe(index, caption, notes[index], maps, refined_maps, plan)
         labels.append(label)
         report.append(line)
     write_grid(rows, labels, args.output / "grid.png", columns)
@@ -243,7 +238,7 @@ def run(argv=None) -> Path:
             f"guidance {GUIDANCE}, the plain caption as prompt; p and a refined: the maps computed again on the "
             f"refined picture.")
     if args.finetuned:
-        from .demo_finetuned import finetuned_comparison
+        from .benchmarks.toyworld.demo_finetuned import finetuned_comparison
 
         titles, model_rows, lines = finetuned_comparison(pipeline, args.finetuned, args.steps, GUIDANCE, args.seed)
         if model_rows:
@@ -257,17 +252,16 @@ def run(argv=None) -> Path:
     return args.output
 
 
-def describe(index: int, caption: str, note: str, scores: tuple, refined_scores: tuple | None,
+def describe(index: int, caption: str, note: str, maps: QualityMaps, refined_maps: QualityMaps | None,
              plan: ImagePlan | None) -> tuple[str, str]:
-    """(grid label, report table row) of picture ``index``; scores and refined_scores: (PerceptualQuality,
-    AlignmentQuality) of the batch before and after the refiner (None without it)."""
-    perceptual, alignment = scores
-    flagged = [f"{row.phrase} ({row.defect})" for row in alignment.reports[index] if row.defect]
-    p_before, a_before = float(perceptual.score[index]), float(alignment.score[index])
+    """(grid label, report table row) of picture ``index``; maps and refined_maps: the quality maps of the batch
+    before and after the refiner (None without it)."""
+    flagged = [f"{row.phrase} ({row.defect})" for row in maps.reports[index] if row.defect]
+    p_before, a_before = float(maps.perceptual_score[index]), float(maps.alignment_score[index])
     label = f"{index}: p={p_before:.2f} a={a_before:.2f}"
     line = f"| {index} | {note} | {caption} | {p_before:.3f} | {a_before:.3f} | {'; '.join(flagged) or '-'} |"
-    if refined_scores is not None:
-        p_after, a_after = float(refined_scores[0].score[index]), float(refined_scores[1].score[index])
+    if refined_maps is not None:
+        p_after, a_after = float(refined_maps.perceptual_score[index]), float(refined_maps.alignment_score[index])
         label += f" -> p={p_after:.2f} a={a_after:.2f}"
         line += f" {plan_note(plan)} | {p_after:.3f} | {a_after:.3f} |"
     return f"{label} {caption}", line
