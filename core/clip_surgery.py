@@ -109,11 +109,16 @@ def list_architectures() -> list[str]:
     return names
 
 
+DEFAULT_SURGERY_DEPTH = 6
+"""Blocks on the surgery path by default: the CLIP Surgery reference code's last 6, for ViT-B, -L and -H alike."""
+
+
 class SurgeryCLIP:
     """An open_clip ViT CLIP with a CLIP-Surgery image path and cached text features.
 
     Build it with :func:`load_quality_clip` (from a file) or directly from an open_clip model (tests).
-    ``surgery_depth`` defaults to half the image tower's depth (6 for 12-layer towers, METHODS.md 1.1).
+    ``surgery_depth`` defaults to the last ``DEFAULT_SURGERY_DEPTH`` = 6 blocks whatever the tower's depth, as the
+    CLIP Surgery reference code does (METHODS.md 1.1; all of them for a tower of 6 blocks or fewer).
     ``tokenizer`` defaults to open_clip's tokenizer of ``architecture`` (pass one for a model whose architecture is
     not one of open_clip's names, e.g. a converted transformers CLIP).
     """
@@ -145,7 +150,7 @@ class SurgeryCLIP:
                     f"Architecture '{architecture}' uses {type(attention).__name__} attention blocks; CLIP-Surgery "
                     f"needs the standard fused-QKV nn.MultiheadAttention blocks of open_clip's ViT."
                 )
-        depth = len(blocks) // 2 if surgery_depth is None else int(surgery_depth)
+        depth = min(DEFAULT_SURGERY_DEPTH, len(blocks)) if surgery_depth is None else int(surgery_depth)
         if not 1 <= depth <= len(blocks):
             raise ValueError(f"surgery_depth must be in [1, {len(blocks)}] for this tower, got {surgery_depth}.")
         self.model = model.eval().requires_grad_(False)

@@ -54,6 +54,7 @@ def compute_quality_maps(
     noun_bound: float = 0.5,
     phrase_bound: float = 0.5,
     emphasis: float = 1.1,
+    alignment_temperature: float = aq_map.DEFAULT_TEMPERATURE,
     chunk_size: int | None = None,
     reuse_features: bool = False,
     progress: Progress | None = None,
@@ -65,7 +66,8 @@ def compute_quality_maps(
     ((4, 2, D) from :func:`.pq_map.encode_quality_prompts`); None = the plain-text pairs. alpha: eq. 3's three cask
     bounds; temperature: the PQ softmax temperature, 0 = the model's own logit scale. prompt: one prompt for every
     image or one per image; noun_bound (a_bound), phrase_bound (beta), emphasis: eq. 6-8's knobs
-    (:func:`.aq_map.alignment_quality`). chunk_size: images per forward (None = the whole batch in one).
+    (:func:`.aq_map.alignment_quality`); alignment_temperature: the AQ phrase and noun scores' temperature (eq. 5,
+    default 10 as the official AQ script). chunk_size: images per forward (None = the whole batch in one).
     reuse_features: look every chunk up in the encoder's image-feature cache (:meth:`.SurgeryCLIP.encode_image`
     ``cached``), so another call on the same pixels shares the forward. progress: see :data:`Progress`.
     Runs without gradients; the results are ordinary tensors (no inference-mode tensors), usable in a training loss.
@@ -96,7 +98,7 @@ def compute_quality_maps(
             parts["p"].append(quality.score.to(images.device))
         if prompts is not None:
             alignment = aq_map.alignment_quality(encoder, features, prompts[start:stop], noun_bound, phrase_bound,
-                                                 emphasis)
+                                                 emphasis, temperature=alignment_temperature)
             parts["A"].append(alignment.map.to(images.device))
             parts["a"].append(alignment.score.to(images.device))
             result.emphasized_prompts += alignment.emphasized_prompts

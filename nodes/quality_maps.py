@@ -76,8 +76,8 @@ class QualityModelLoader(io.ComfyNode):
                     default=0,
                     min=0,
                     max=64,
-                    tooltip="How many final blocks get the CLIP-Surgery v-v path. 0 = half the tower (6 of 12). "
-                    "More blocks give smoother, more object-centred maps.",
+                    tooltip="How many final blocks get the CLIP-Surgery v-v path. 0 = the last 6, as the reference "
+                    "code (all blocks of a tower of 6 or fewer). More blocks give smoother, more object-centred maps.",
                 ),
             ],
             outputs=[QualityClip.Output("quality_clip")],
@@ -230,11 +230,17 @@ class AlignmentQualityMap(io.ComfyNode):
                                tooltip="beta: phrases scoring below it lower the alignment score a. Higher = stricter."),
                 io.Float.Input("emphasis", default=1.1, min=1.0, max=2.0, step=0.05,
                                tooltip="Weight given to unmatched phrases appended to the prompt, (phrase:1.1)."),
+                io.Float.Input("temperature", default=aq_map.DEFAULT_TEMPERATURE, min=0.1, max=1000.0, step=0.1,
+                               optional=True,
+                               tooltip="Softmax temperature of the phrase and noun scores (eq. 5). 10 = the official "
+                               "AQ script; CLIP's own logit scale (about 100) saturates them to 0 or 1. Lower = scores "
+                               "closer to 0.5."),
             ],
             outputs=[
                 io.Mask.Output("alignment_map", tooltip="A in [0, 1], 1 = must change."),
-                io.Float.Output("alignment_score", tooltip="a, one per image (CLIP cosine times penalties).",
-                                is_output_list=True),
+                io.Float.Output("alignment_score", tooltip="a, one per image: a probability in [0, 1] (how much "
+                                "better the prompt fits than an empty one, times the phrase penalties); 1 when the "
+                                "prompt has nothing to align.", is_output_list=True),
                 io.String.Output("emphasized_prompt", tooltip="One per image.", is_output_list=True),
                 io.String.Output("report", tooltip="Per-image, per-phrase table of scores and defects."),
             ],
@@ -242,9 +248,10 @@ class AlignmentQualityMap(io.ComfyNode):
 
     @classmethod
     def execute(cls, quality_clip, image, prompt: str, noun_bound: float, phrase_bound: float,
-                emphasis: float) -> io.NodeOutput:
+                emphasis: float, temperature: float = aq_map.DEFAULT_TEMPERATURE) -> io.NodeOutput:
         maps = compute_quality_maps(quality_clip, check_images(image), perceptual=False, prompt=prompt,
-                                    noun_bound=noun_bound, phrase_bound=phrase_bound, emphasis=emphasis)
+                                    noun_bound=noun_bound, phrase_bound=phrase_bound, emphasis=emphasis,
+                                    alignment_temperature=temperature)
         report = aq_map.format_report(maps.reports, maps.alignment_score, maps.warnings)
         return io.NodeOutput(maps.alignment_map, maps.alignment_score.tolist(), maps.emphasized_prompts, report,
                              ui={"text": [report]})

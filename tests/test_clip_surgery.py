@@ -73,8 +73,15 @@ def test_patch_features_match_naive_surgery(encoder):
     assert not torch.allclose(F.normalize(plain, dim=-1), expected, atol=1e-3)
 
 
-def test_default_depth_is_half_the_tower_and_validated(encoder):
-    assert encoder.surgery_depth == 2
+def test_default_depth_is_the_last_six_blocks_and_validated(encoder):
+    import copy
+
+    assert encoder.surgery_depth == 4  # METHODS.md 1.1: the last 6 blocks, here every block of a 4-block tower
+    deeper = copy.deepcopy(encoder.model)
+    blocks = deeper.visual.transformer.resblocks
+    for block in list(blocks):  # 8 blocks
+        blocks.append(copy.deepcopy(block))
+    assert SurgeryCLIP(deeper, encoder.architecture).surgery_depth == 6
     with pytest.raises(ValueError, match="surgery_depth must be in"):
         SurgeryCLIP(encoder.model, encoder.architecture, surgery_depth=5)
 

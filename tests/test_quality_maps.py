@@ -86,3 +86,15 @@ def test_maps_can_enter_a_training_loss(encoder, images):
     assert generated.grad is not None and not maps.perceptual_map.requires_grad
     assert not any(tensor.is_inference() for tensor in (maps.perceptual_map, maps.perceptual_score,
                                                          maps.alignment_map, maps.alignment_score))
+
+
+def test_alignment_temperature_reaches_the_aq_map(encoder, images):
+    features = encoder.encode_image(images)
+    for temperature in (3.0, 40.0):
+        maps = compute_quality_maps(encoder, images, perceptual=False, prompt=PROMPTS,
+                                    alignment_temperature=temperature)
+        alignment = aq_map.alignment_quality(encoder, features, PROMPTS, temperature=temperature)
+        torch.testing.assert_close(maps.alignment_score, alignment.score, rtol=0, atol=1e-6)
+    default = compute_quality_maps(encoder, images, perceptual=False, prompt=PROMPTS)
+    hot = compute_quality_maps(encoder, images, perceptual=False, prompt=PROMPTS, alignment_temperature=40.0)
+    assert [row.phrase_score for row in default.reports[0]] != [row.phrase_score for row in hot.reports[0]]
