@@ -124,7 +124,7 @@ def test_prompt_file_of_another_kind_is_refused(tmp_path):
         pq_map.load_qrefine_embeddings(tmp_path)
 
 
-@pytest.mark.skipif(not QREFINE_FOLDER.is_dir(), reason=f"official embeddings not found at {QREFINE_FOLDER}")
+@pytest.mark.needs(QREFINE_FOLDER.is_dir(), f"official embeddings not found at {QREFINE_FOLDER}")
 def test_official_qrefine_embeddings_on_a_vit_b16_shaped_tower(encoder):
     import open_clip
 

@@ -9,13 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
+from ci import importorskip, skip_or_fail
+
 from comfyui_refinery.benchmarks.toyworld import data
 from comfyui_refinery.benchmarks.toyworld.train_clip import retrieval_accuracy
 from comfyui_refinery.benchmarks.toyworld.train_prompts import load_alpha
 from comfyui_refinery.core import pq_map
 from comfyui_refinery.core.clip_surgery import load_quality_clip
 
-pytestmark = pytest.mark.skipif(not data.TOY_CLIP_CHECKPOINT.is_file(), reason="toy-clip is not trained yet")
+pytestmark = pytest.mark.needs(data.TOY_CLIP_CHECKPOINT.is_file(), "toy-clip is not trained yet")
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +45,9 @@ def test_toy_prompts_score_clean_pictures_above_defective_ones(toy_clip):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    pytest.importorskip("diffusers")
+    importorskip("diffusers")  # under CI a missing test dependency fails
     if not (data.TOY_SD_FOLDER / "model_index.json").is_file():
-        pytest.skip("tiny-sd is not trained yet")
+        skip_or_fail("tiny-sd is not trained yet")
     from comfyui_refinery import demo
 
     output = demo.run(["--output", str(tmp_path / "demo"), "--generated", "2", "--defective", "3", "--steps", "10"])
@@ -71,9 +73,9 @@ def test_demo_without_refiner_has_no_refined_column(tmp_path):
 
 
 def committed_sd_or_skip():
-    pytest.importorskip("diffusers")
+    importorskip("diffusers")  # under CI a missing test dependency fails
     if not (data.TOY_SD_FOLDER / "model_index.json").is_file():
-        pytest.skip("tiny-sd is not trained yet")
+        skip_or_fail("tiny-sd is not trained yet")
 
 
 def test_tiny_sd_loads_as_every_sd15_pipeline_class_and_is_small():
