@@ -65,7 +65,9 @@ def test_run_saves_the_pq_heat_map_preview_and_every_text_of_refine_generated(co
         "the PreviewImage node's heat map; not the PQ-Map node's own copy of it"
     with Image.open(output / "previews" / "pq-heatmap.png") as heatmap:
         assert heatmap.size == (64, 64)
-    assert sorted(path.name for path in output.glob("*.txt")) == ["aq-map.txt", "plan-summary.txt"]
+    assert sorted(path.name for path in output.glob("*.txt")) == ["aq-map.txt", "keep-better-table.txt",
+                                                                   "plan-summary.txt"]  # Keep Better's table once
+    assert (output / "keep-better-table.txt").read_text().startswith("| image | p before |")
     assert (output / "aq-map.txt").read_text().startswith("image 0: alignment score a = ")
     assert (output / "plan-summary.txt").read_text().startswith("image 0: ")
     assert "AQ-Map (node 11" in printed.out and "Plan Summary (node 21" in printed.out
