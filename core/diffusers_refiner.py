@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .keep_better import GuardDecision, GuardScores, GuardSettings, choose_attempts, guard_table
+from .keep_better import GuardDecision, GuardScores, GuardSettings, choose_attempts, guard_table, kept_pictures
 from .prompt_parsing import strip_emphasis
 from .refine_plan import ImagePlan, stage_runs
 
@@ -169,13 +169,9 @@ def refine_with_pipeline(
     before = guard(images)
     after = [guard(run.images) for run in runs]
     decision = choose_attempts(before, after, guard_settings)
-    refined, after_stage1 = images.clone(), images.clone()
-    for index in range(images.shape[0]):
-        if decision.keep[index]:
-            kept = runs[int(decision.attempt[index])]
-            refined[index], after_stage1[index] = kept.images[index], kept.after_stage1[index]
-    return DiffusersRefinement(images=refined, after_stage1=after_stage1, decision=decision,
-                               table=guard_table(before, after, decision))
+    return DiffusersRefinement(images=kept_pictures(images, [run.images for run in runs], decision),
+                               after_stage1=kept_pictures(images, [run.after_stage1 for run in runs], decision),
+                               decision=decision, table=guard_table(before, after, decision))
 
 
 def _refine_once(stages, images: torch.Tensor, plans: list[ImagePlan], negative_prompt: str | None,

@@ -111,6 +111,16 @@ def choose_attempts(before: GuardScores, attempts: list[GuardScores], settings: 
     return GuardDecision(keep=keep, attempt=attempt, reported=reported, gain=gain)
 
 
+
+def kept_pictures(inputs: torch.Tensor, attempts: list[torch.Tensor], decision: GuardDecision) -> torch.Tensor:
+    """Per picture the attempt the decision keeps, else the input bit-identical: inputs and every attempt (B, ...)
+    of one shape; returns a new (B, ...) tensor."""
+    chosen = inputs.clone()
+    for index in range(inputs.shape[0]):
+        if decision.keep[index]:
+            chosen[index] = attempts[int(decision.attempt[index])][index]
+    return chosen
+
 def guard_table(before: GuardScores, after: list[GuardScores], decision: GuardDecision) -> str:
     """Markdown table, one row per picture: p and a before / after (of the attempt kept, or the best gain when
     none passed), reward when scored, gain, and the decision."""

@@ -12,6 +12,7 @@ from ..core.keep_better import (
     GuardSettings,
     choose_attempts,
     guard_table,
+    kept_pictures,
 )
 from .comfy_io import check_images, match_batches
 from .quality_maps import QualityClip, QualityPrompts, compute_quality_maps
@@ -63,11 +64,7 @@ def guarded(images: torch.Tensor, attempts: list[torch.Tensor], before: GuardSco
     images and every attempt: (B, H, W, 3); score: pictures -> GuardScores."""
     after = [score(attempt) for attempt in attempts]
     decision = choose_attempts(before, after, settings)
-    chosen = images.clone()
-    for index in range(images.shape[0]):
-        if decision.keep[index]:
-            chosen[index] = attempts[int(decision.attempt[index])][index]
-    return chosen, decision, guard_table(before, after, decision)
+    return kept_pictures(images, attempts, decision), decision, guard_table(before, after, decision)
 
 
 class KeepBetter(io.ComfyNode):

@@ -82,3 +82,14 @@ def test_attempt_seeds_start_at_the_seed_and_differ_after():
     seeds = {attempt_seed(42, attempt) for attempt in range(1, 6)}
     assert len(seeds) == 5 and 42 not in seeds and all(0 <= s <= 0xFFFFFFFFFFFFFFFF for s in seeds)
     assert attempt_seed(42, 3) == attempt_seed(42, 3) and attempt_seed(7, 3, seed_max=9) <= 9
+
+
+def test_kept_pictures_take_the_kept_attempt_else_the_input():
+    from comfyui_refinery.core.keep_better import GuardDecision, kept_pictures
+
+    inputs = torch.zeros(3, 2)
+    attempts = [torch.ones(3, 2), torch.full((3, 2), 2.0)]
+    decision = GuardDecision(keep=torch.tensor([True, False, True]), attempt=torch.tensor([1, -1, 0]),
+                             reported=torch.tensor([1, 0, 0]), gain=torch.zeros(3, dtype=torch.float64))
+    chosen = kept_pictures(inputs, attempts, decision)
+    assert chosen.tolist() == [[2.0, 2.0], [0.0, 0.0], [1.0, 1.0]] and inputs.abs().sum() == 0

@@ -65,6 +65,16 @@ class Layout:
 PREVIEW = 280  # room below the widgets for an image preview
 MODELS, STAGE, MAPS, SAVE = "#b58b2a", "#3f789e", "#88A", "#8A8"  # LiteGraph's group colours: yellow, blue, pale blue, green
 
+def g_refine_layout(refine_title: str) -> Layout:
+    """load image -> one G-Refine node -> save (refine_image, refine_detailer: the same graph, other widgets)."""
+    return Layout(rows=((
+        Group("Models (see the note)", (((NOTE, 300), ("2", 100), ("3", 110), ("4", 60)),), color=MODELS),
+        Group("1. Picture", ((("1", 100 + PREVIEW),),)),
+        Group(refine_title, ((("5", 1000),),)),
+        Group("3. Save", ((("6", 60 + PREVIEW), ("9", 220)), (("7", 30), ("8", 60 + PREVIEW))), color=SAVE),
+    ),), scale=0.8)
+
+
 LAYOUTS = {
     "quality_maps": Layout(rows=((
         Group("Models (see the note)", (((NOTE, 300), ("2", 110), ("3", 60)),), color=MODELS),
@@ -87,18 +97,8 @@ LAYOUTS = {
             Group("6. Save", ((("17", 60 + PREVIEW),), (("18", 30), ("19", 60 + PREVIEW))), color=SAVE),
         ),
     ), scale=0.75),
-    "refine_image": Layout(rows=((
-        Group("Models (see the note)", (((NOTE, 300), ("2", 100), ("3", 110), ("4", 60)),), color=MODELS),
-        Group("1. Picture", ((("1", 100 + PREVIEW),),)),
-        Group("2. G-Refine: maps, plan, two stages", ((("5", 1000),),)),
-        Group("3. Save", ((("6", 60 + PREVIEW), ("9", 220)), (("7", 30), ("8", 60 + PREVIEW))), color=SAVE),
-    ),), scale=0.8),
-    "refine_detailer": Layout(rows=((
-        Group("Models (see the note)", (((NOTE, 300), ("2", 100), ("3", 110), ("4", 60)),), color=MODELS),
-        Group("1. Picture", ((("1", 100 + PREVIEW),),)),
-        Group("2. G-Refine, detailer mode", ((("5", 1000),),)),
-        Group("3. Save", ((("6", 60 + PREVIEW), ("9", 220)), (("7", 30), ("8", 60 + PREVIEW))), color=SAVE),
-    ),), scale=0.8),
+    "refine_image": g_refine_layout("2. G-Refine: maps, plan, two stages"),
+    "refine_detailer": g_refine_layout("2. G-Refine, detailer mode"),
     "select_best": Layout(rows=((
         Group("Models (see the note)", (((NOTE, 300), ("1", 100), ("7", 160)),), color=MODELS),
         Group("1. Generate a batch", ((("12", 150), ("2", 80), ("3", 150), ("4", 110)),
